@@ -1,0 +1,32 @@
+#!/bin/bash
+# temporary: GPU sweep of teaching-model recipes (not committed)
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
+nvidia-smi --query-gpu=name,memory.used --format=csv
+python3 -c "import transformers, torch; print(transformers.__version__, torch.__version__)"
+run() { name=$1; shift
+  python3 scripts/train_teaching_model.py --out /tmp/runs/$name --data-from minilib/assets/teaching --device cuda "$@" > /tmp/runs/$name.log 2>&1
+  python3 - "$name" >> /tmp/runs/$name.log 2>&1 <<'PY'
+import sys, numpy as np, torch, minilib as ml
+from transformers import LlamaForCausalLM, AutoTokenizer
+d = f"/tmp/runs/{sys.argv[1]}"
+m = LlamaForCausalLM.from_pretrained(d).cuda().eval(); tok = AutoTokenizer.from_pretrained(d)
+ids = ml.teaching.calibration_ids.__wrapped__ if False else None
+from minilib.teaching import encode_documents, _read_corpus
+docs = _read_corpus(d + "/corpus.jsonl.gz")
+s = encode_documents(tok, [x for x in docs if x.split == "calibration"])
+ids = s[: 64 * 128].view(64, 128)
+g = ml.evaluation.LayerGame(m, ids, utility="neg_loss", mask_batch_size=12)
+L = g.n_players; loo = np.ones((L, L), bool); np.fill_diagonal(loo, False)
+v = g.losses(loo)
+print("base loss", round(g.base_loss, 4), "empty", round(float(g.losses(np.zeros((1, L), bool))[0]), 3))
+print("LOO dloss", np.round(v - g.base_loss, 4).tolist())
+PY
+  tar -C /tmp/runs -czf $OUT/$name.tgz $name
+  cp /tmp/runs/$name.log $OUT/$name.log
+}
+mkdir -p /tmp/runs
+run E --steps 1500 --batch-size 32 --lr 2e-3 --eval-every 250 &
+run F --steps 2500 --batch-size 16 --lr 2e-3 --eval-every 250 &
+wait
+ls -la $OUT

@@ -1,0 +1,35 @@
+# make book: set up .venv if needed, execute every chapter on CPU, build the HTML book in _build/html
+# make test: set up/refresh .venv, unit tests, nbval on the chapters, and a -W build of the book
+VENV    ?= .venv
+PYTHON  ?= python3
+# Only used when the venv has no torch yet; CI installs torch==2.13.0 (CPU) before calling make.
+TORCH   ?= torch>=2.2
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.minilib-installed
+
+.PHONY: book test unit notebooks book-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) requirements.txt pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -r requirements.txt -e .
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(PY) scripts/execute_notebooks.py notebooks
+	$(PY) scripts/book_config.py --execute off > _build_config.yml
+	$(VENV)/bin/jupyter-book build . --config _build_config.yml; status=$$?; rm -f _build_config.yml; exit $$status
+	@echo "The book is in _build/html/index.html"
+
+test: $(STAMP)
+	@s=$$(date +%s); $(PY) -m pytest tests -q; r=$$?; echo "[time] unit tests: $$(( $$(date +%s) - s )) s"; exit $$r
+	@s=$$(date +%s); $(PY) -m pytest --nbval-lax notebooks -q -p no:cacheprovider; r=$$?; echo "[time] notebooks (nbval): $$(( $$(date +%s) - s )) s"; exit $$r
+	@s=$$(date +%s); $(PY) scripts/book_config.py --execute off > _build_config.yml; \
+	  $(VENV)/bin/jupyter-book build . -W --config _build_config.yml; r=$$?; rm -f _build_config.yml; \
+	  echo "[time] book build (-W, committed outputs): $$(( $$(date +%s) - s )) s"; exit $$r
+
+clean:
+	rm -rf _build .jupyter_cache

@@ -1,0 +1,34 @@
+"""minilib: Shapley-value layer pruning of LLaMA-class language models.
+
+The companion package of the book *Pruning as a Cooperative Game*. Modules by concept:
+``games`` (the game contract), ``layers`` (find, skip and remove decoder layers),
+``evaluation`` (perplexity and the layer game), ``teaching`` (the shipped tiny LLaMA).
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+
+__version__ = "0.1.0"
+__all__ = ["evaluation", "games", "layers", "teaching", "set_seed", "__version__"]
+
+
+def set_seed(seed: int = 0) -> None:
+    """Seed Python's, NumPy's and PyTorch's global generators (chapter 00).
+
+    Chapters call it once in their setup cell; estimators still take an explicit ``rng``.
+    """
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def __getattr__(name: str):
+    # Submodules load on first use, so ``import minilib`` stays fast and light.
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,236 @@
+"""Decoder layers of Hugging Face causal LMs: find them, skip them, remove them.
+
+Introduced in chapter 00 (quick start). A *keep-mask* is a boolean vector with one entry
+per decoder layer, ``True`` meaning the layer runs. :func:`keep_only` evaluates a model
+under a mask by bypassing the dropped layers' forward (weights untouched);
+:func:`prune_layers` deletes them for good, in a form that survives
+``save_pretrained`` / ``from_pretrained``; :func:`zero_layers` is the paper's
+zero-and-restore method, kept only as the reference that tests and benchmarks compare to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+# config.model_type -> attribute path of the decoder-layer ModuleList
+_LAYER_PATHS: dict[str, str] = {
+    **{t: "model.layers" for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
+                                   "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite")},
+    "gpt2": "transformer.h",
+    "opt": "model.decoder.layers",
+}
+# the same families loaded as base models (``AutoModel``), without the LM head
+_BASE_LAYER_PATHS: dict[str, str] = {"gpt2": "h", "opt": "decoder.layers"}
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The ``config.model_type`` values whose decoder layers minilib can find (chapter 00)."""
+    return tuple(sorted(_LAYER_PATHS))
+
+
+def _resolve(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ``ModuleList`` of decoder layers of a supported model (chapter 00).
+
+    LLaMA-family models (LLaMA, Mistral, Qwen2, Gemma, ...) keep them in ``model.model.layers``,
+    GPT-2 in ``model.transformer.h``, OPT in ``model.model.decoder.layers``. Anything else is
+    refused with a ``ValueError`` rather than guessed at.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _LAYER_PATHS:
+        raise ValueError(f"model: unsupported architecture {model_type!r} "
+                         f"({type(model).__name__}); supported model_type values: "
+                         f"{', '.join(supported_model_types())}")
+    for path in (_LAYER_PATHS[model_type], _BASE_LAYER_PATHS.get(model_type, "layers")):
+        layers = _resolve(model, path)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"model: a {model_type!r} model without its decoder-layer list at "
+                     f"{_LAYER_PATHS[model_type]!r} ({type(model).__name__})")
+
+
+def as_keep_mask(keep, n_layers: int, name: str = "keep", allow_empty: bool = True,
+                 batched: bool = False) -> np.ndarray:
+    """Validate a keep-mask and return it as a bool array (chapter 00).
+
+    Accepts bool values, or integers/floats that are exactly 0 or 1. The last axis must have
+    ``n_layers`` entries; with ``batched=True`` a 2-D ``(rows, n_layers)`` array is also accepted.
+    """
+    if isinstance(keep, torch.Tensor):
+        keep = keep.detach().cpu().numpy()
+    arr = np.asarray(keep)
+    if arr.dtype != bool:
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must hold booleans (or 0/1 numbers), got dtype {arr.dtype}")
+        if arr.size and not np.isin(arr, (0, 1)).all():
+            bad = arr[~np.isin(arr, (0, 1))].ravel()[:5].tolist()
+            raise ValueError(f"{name} must hold only 0/1 (or booleans), found values {bad}")
+        arr = arr.astype(bool)
+    allowed = (1, 2) if batched else (1,)
+    if arr.ndim not in allowed:
+        raise ValueError(f"{name} must be a {' or '.join(f'{d}-D' for d in allowed)} mask, "
+                         f"got shape {arr.shape}")
+    if arr.shape[-1] != n_layers:
+        raise ValueError(f"{name} must have one entry per decoder layer ({n_layers}), "
+                         f"got {arr.shape[-1]}")
+    if not allow_empty and not arr.any(axis=-1).all():
+        raise ValueError(f"{name} drops every layer, which is not allowed here")
+    return arr
+
+
+def _take_rows(value, rows: torch.Tensor, batch: int):
+    """Index the batch axis of tensors that have one (ndim >= 2, first dim == batch)."""
+    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch:
+        return value.index_select(0, rows.to(value.device))
+    if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(_take_rows(v, rows, batch) for v in value)
+    return value
+
+
+def _masked_forward(original, row_keep: torch.Tensor | None):
+    """A forward that runs ``original`` only on the rows whose keep flag is set.
+
+    ``row_keep=None`` means the layer is dropped for every row: the input passes through.
+    """
+
+    def forward(hidden_states, *args, **kwargs):
+        if row_keep is None:
+            return hidden_states
+        batch = hidden_states.shape[0]
+        if row_keep.numel() != batch:
+            raise ValueError(f"keep has {row_keep.numel()} rows but the batch has {batch}")
+        if bool(row_keep.all()):
+            return original(hidden_states, *args, **kwargs)
+        rows = row_keep.nonzero().flatten().to(hidden_states.device)
+        sub_args = [_take_rows(a, rows, batch) for a in args]
+        sub_kwargs = {k: _take_rows(v, rows, batch) for k, v in kwargs.items()}
+        out = original(hidden_states.index_select(0, rows), *sub_args, **sub_kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        merged = hidden_states.index_copy(0, rows, first.to(hidden_states.dtype))
+        return (merged, *out[1:]) if isinstance(out, tuple) else merged
+
+    return forward
+
+
+@contextlib.contextmanager
+def keep_only(model: torch.nn.Module, keep) -> Iterator[torch.nn.Module]:
+    """Run ``model`` with only the layers where ``keep`` is true (chapter 00).
+
+    ``keep`` is a bool sequence of length L, or a ``(batch, L)`` array giving each row of the
+    next forward its own mask (how :class:`~minilib.evaluation.LayerGame` evaluates many
+    masks in one pass). Dropped layers are bypassed: their input is passed on unchanged, which
+    is exactly what a pre-norm residual block computes with all its weights zeroed, at none of
+    the cost. No weight is copied or modified, and the model is restored on exit, also when
+    the body raises. An all-``False`` mask is allowed: embeddings go straight to the head.
+    """
+    layers = decoder_layers(model)
+    mask = as_keep_mask(keep, len(layers), batched=True)
+    saved = []
+    try:
+        for i, layer in enumerate(layers):
+            column = mask[..., i]
+            if column.all():
+                continue
+            row_keep = torch.from_numpy(np.atleast_1d(column).copy()) if mask.ndim == 2 and column.any() else None
+            saved.append((layer, layer.__dict__.get("forward")))
+            layer.forward = _masked_forward(layer.forward, row_keep)
+        yield model
+    finally:
+        for layer, previous in reversed(saved):
+            if previous is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = previous
+
+
+@contextlib.contextmanager
+def zero_layers(model: torch.nn.Module, drop) -> Iterator[torch.nn.Module]:
+    """The paper's reference method: zero every parameter of the dropped layers, then restore.
+
+    Kept only to check :func:`keep_only` against and to benchmark it (chapter 00). For
+    pre-norm blocks (LLaMA, GPT-2, OPT with ``do_layer_norm_before``) a zeroed block adds
+    nothing to the residual stream, so the function equals skipping, but every forward still
+    runs all L layers and each call clones and restores the dropped layers' weights.
+    ``drop`` is a bool mask of length L (``True`` = zero this layer) or a list of indices.
+    """
+    layers = decoder_layers(model)
+    indices = _drop_indices(drop, len(layers), allow_all=True)
+    backups = []
+    try:
+        with torch.no_grad():
+            for i in indices:
+                for p in layers[i].parameters():
+                    backups.append((p, p.detach().clone()))
+                    p.zero_()
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, saved in backups:
+                p.copy_(saved)
+
+
+def _drop_indices(drop, n_layers: int, allow_all: bool) -> list[int]:
+    """Normalise ``drop`` (bool mask of length L, or layer indices) to sorted unique indices."""
+    arr = np.asarray(drop.detach().cpu() if isinstance(drop, torch.Tensor) else drop)
+    if arr.dtype == bool:
+        indices = np.flatnonzero(as_keep_mask(arr, n_layers, name="drop")).tolist()
+    else:
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"drop must be a bool mask or integer layer indices, got dtype {arr.dtype}")
+        indices = sorted({int(i) for i in arr.ravel()})
+        bad = [i for i in indices if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"drop holds layer indices outside 0..{n_layers - 1}: {bad}")
+    if not allow_all and len(indices) >= n_layers:
+        raise ValueError(f"drop removes all {n_layers} layers; at least one must remain")
+    return indices
+
+
+def prune_layers(model: torch.nn.Module, drop) -> torch.nn.Module:
+    """Delete the ``drop`` layers for good, in place, and return the model (chapter 00).
+
+    Besides removing the modules, it renumbers each remaining layer's ``layer_idx`` (used by the
+    KV cache), sets ``config.num_hidden_layers`` and shortens every per-layer list in the config
+    (e.g. ``layer_types``), so that ``save_pretrained`` then ``from_pretrained`` rebuilds exactly
+    this model: without the config update, reloading would create the old number of layers and
+    fill the missing ones with random weights.
+    """
+    layers = decoder_layers(model)
+    n_before = len(layers)
+    indices = set(_drop_indices(drop, n_before, allow_all=False))
+    if not indices:
+        return model
+    kept = [layer for i, layer in enumerate(layers) if i not in indices]
+    for i in sorted(indices, reverse=True):
+        del layers[i]
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    _shorten_config(model.config, n_before, indices)
+    return model
+
+
+def _shorten_config(config, n_before: int, dropped: set[int]) -> None:
+    """Update the layer count and drop the removed layers' entries of per-layer config lists."""
+    n_after = n_before - len(dropped)
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n_before and not key.startswith("_"):
+            setattr(config, key, type(value)(v for i, v in enumerate(value) if i not in dropped))
+    config.num_hidden_layers = n_after
+    sub = getattr(config, "get_text_config", None)
+    text_config = sub() if callable(sub) else None
+    if text_config is not None and text_config is not config:
+        _shorten_config(text_config, n_before, dropped)

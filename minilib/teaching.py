@@ -1,0 +1,354 @@
+"""The teaching model: an offline corpus, a byte-level BPE tokenizer and a tiny LLaMA.
+
+Introduced in chapter 00 (quick start). Everything here works without a network:
+the corpus is built from text that ships with CPython (``pydoc_data`` topics and the
+standard library's docstrings), and the trained checkpoint and tokenizer ship inside
+``minilib`` as package data, loaded through ``from_pretrained`` like any Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import json
+import math
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+SPLITS = ("train", "validation", "calibration", "test")
+"""The four corpus splits, in the order of :func:`split_of`'s buckets."""
+
+EOS_TOKEN = "<|endoftext|>"
+UNIGRAM_SMOOTHING = 1.0  # add-one smoothing for the unigram baseline
+
+# Stdlib folders that are tests, demos or vendored data, not documentation.
+_SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
+               "turtledemo", "__pycache__", "ensurepip", "pydoc_data", "__phello__"}
+
+
+@dataclass(frozen=True)
+class Document:
+    """One corpus document: a pydoc topic or one stdlib module's docstrings (chapter 00)."""
+
+    key: str
+    text: str
+
+    @property
+    def split(self) -> str:
+        return split_of(self.key)
+
+
+def split_of(key: str) -> str:
+    """Assign a document to a split by a hash of its key (chapter 00).
+
+    The rule depends only on the document's name (``topic:assert``, ``module:json.decoder``),
+    never on its text or on the order documents are found, so a document stays in the
+    same split on every Python version: 80 % train, 10 % validation, 5 % calibration, 5 % test.
+    """
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+    if bucket < 80:
+        return "train"
+    if bucket < 90:
+        return "validation"
+    if bucket < 95:
+        return "calibration"
+    return "test"
+
+
+def _clean(text: str) -> str:
+    lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
+    return "\n".join(lines).strip()
+
+
+def _module_name(rel: Path) -> str:
+    parts = list(rel.with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _module_docstrings(path: Path) -> list[str]:
+    """Docstrings of a module and of its classes and functions, in source order."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and doc.strip():
+                found.append((getattr(node, "lineno", 0), _clean(doc)))
+    return [doc for _, doc in sorted(found, key=lambda item: item[0])]
+
+
+def build_corpus(stdlib_dir: str | Path | None = None) -> list[Document]:
+    """Build the corpus from the running Python's own text (chapter 00).
+
+    Documents are the ``pydoc_data`` topics (the text behind ``help('assert')``) and, per
+    stdlib module, its docstrings joined in source order. Sorted by key, so the result is
+    deterministic for a given Python build. Use :func:`load_corpus` for the shipped snapshot
+    that the teaching model was trained on.
+    """
+    from pydoc_data.topics import topics
+
+    docs = [Document(f"topic:{name}", _clean(text)) for name, text in topics.items() if text.strip()]
+    root = Path(stdlib_dir) if stdlib_dir is not None else Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in _SKIP_PARTS or part.startswith("test") for part in rel.parts):
+            continue
+        docstrings = _module_docstrings(path)
+        if docstrings:
+            docs.append(Document(f"module:{_module_name(rel)}", "\n\n".join(docstrings)))
+    return sorted(docs, key=lambda d: d.key)
+
+
+def corpus_hash(docs: Iterable[Document]) -> str:
+    """SHA-256 over keys and texts, the corpus's identity in manifests (chapter 00)."""
+    h = hashlib.sha256()
+    for doc in docs:
+        h.update(doc.key.encode("utf-8") + b"\x00" + doc.text.encode("utf-8") + b"\x00")
+    return h.hexdigest()
+
+
+def save_corpus(docs: Sequence[Document], path: str | Path) -> None:
+    """Write documents as gzipped JSON lines with a fixed mtime, so the file is byte-stable."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+        for doc in docs:
+            gz.write((json.dumps({"key": doc.key, "text": doc.text}, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _read_corpus(path: str | Path) -> list[Document]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [Document(**json.loads(line)) for line in f]
+
+
+def teaching_model_path() -> Path:
+    """Folder of the shipped checkpoint, tokenizer, corpus snapshot and manifest (chapter 00)."""
+    return Path(str(resources.files("minilib") / "assets" / "teaching"))
+
+
+def load_corpus(split: str | None = None) -> list[Document]:
+    """The shipped corpus snapshot the teaching model was trained on, optionally one split."""
+    docs = _read_corpus(teaching_model_path() / "corpus.jsonl.gz")
+    if split is None:
+        return docs
+    _check_split(split)
+    return [d for d in docs if d.split == split]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
+    """Train a byte-level BPE tokenizer with ``tokenizers`` and wrap it for transformers (chapter 00).
+
+    Byte-level means every string round-trips exactly, whatever characters it holds.
+    ``<|endoftext|>`` separates documents and serves as BOS, EOS and padding token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be at least 300 (256 bytes + merges), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=EOS_TOKEN, unk_token=None,
+                                   model_max_length=1_000_000,  # documents are long; windows are cut later
+                                   clean_up_tokenization_spaces=False)
+
+
+def encode_documents(tokenizer, docs: Sequence[Document]) -> torch.Tensor:
+    """One token stream: each document's ids followed by ``<|endoftext|>`` (chapter 00)."""
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    ids: list[int] = []
+    for enc in tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_stream(tokenizer, split: str) -> torch.Tensor:
+    """The shipped corpus's ``split`` as one 1-D token stream (chapter 00)."""
+    return encode_documents(tokenizer, load_corpus(split))
+
+
+def calibration_ids(tokenizer, n_seqs: int, seq_len: int, split: str = "calibration",
+                    seed: int | None = None) -> torch.Tensor:
+    """``n_seqs`` windows of ``seq_len`` tokens from a split, shape ``(n_seqs, seq_len)`` (chapter 00).
+
+    With ``seed=None`` the windows are consecutive and non-overlapping from the start of the
+    split (the default calibration set everywhere in the book). With an integer ``seed`` they
+    are non-overlapping windows chosen at random, for calibration-sensitivity studies.
+    """
+    _check_split(split)
+    for name, value in (("n_seqs", n_seqs), ("seq_len", seq_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (one predicted token), got {seq_len}")
+    stream = token_stream(tokenizer, split)
+    n_windows = stream.numel() // seq_len
+    if n_windows < n_seqs:
+        raise ValueError(f"split {split!r} holds {n_windows} windows of seq_len={seq_len}; "
+                         f"n_seqs must be at most {n_windows}, got {n_seqs}")
+    windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
+    if seed is None:
+        return windows[:n_seqs].clone()
+    g = torch.Generator().manual_seed(seed)
+    return windows[torch.randperm(n_windows, generator=g)[:n_seqs]].clone()
+
+
+def unigram_perplexity(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity of an add-one-smoothed unigram model fitted on ``train_ids`` (chapter 00).
+
+    The baseline a language model must beat: it knows token frequencies and nothing else.
+    """
+    counts = torch.bincount(train_ids.flatten(), minlength=vocab_size).double() + UNIGRAM_SMOOTHING
+    logp = torch.log(counts / counts.sum())
+    return float(torch.exp(-logp[eval_ids.flatten()].mean()))
+
+
+@dataclass(frozen=True)
+class TeachingSpec:
+    """Architecture and training recipe of the teaching model (chapter 00)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 256
+    seq_len: int = 128
+    batch_size: int = 32
+    steps: int = 1500
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    seed: int = 0
+    eval_every: int = 250
+
+
+def teaching_config(spec: TeachingSpec, tokenizer):
+    """The ``LlamaConfig`` of the teaching model: a real LLaMA, only small (chapter 00)."""
+    from transformers import LlamaConfig
+
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    return LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                       intermediate_size=spec.intermediate_size,
+                       num_hidden_layers=spec.num_hidden_layers,
+                       num_attention_heads=spec.num_attention_heads,
+                       num_key_value_heads=spec.num_key_value_heads,
+                       max_position_embeddings=spec.max_position_embeddings,
+                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                       tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def _lr_at(step: int, spec: TeachingSpec) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_teaching_model(spec: TeachingSpec, tokenizer, train_ids: torch.Tensor,
+                         valid_ids: torch.Tensor, device: str = "cpu", log=print):
+    """Train a fresh ``LlamaForCausalLM`` for exactly ``spec.steps`` steps (chapter 00).
+
+    Batches are random ``seq_len`` windows of the training stream drawn from a seeded
+    generator; the step count, not a time budget, fixes the result. Returns the model (on
+    CPU, float32) and a list of ``(step, train_loss, validation_ppl)`` records.
+    """
+    from transformers import LlamaForCausalLM
+
+    from .evaluation import perplexity
+
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(teaching_config(spec, tokenizer)).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(spec.seed)
+    n_start = train_ids.numel() - spec.seq_len - 1
+    history: list[tuple[int, float, float]] = []
+    running = 0.0
+    for step in range(spec.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, spec)
+        starts = torch.randint(0, n_start, (spec.batch_size,), generator=gen)
+        batch = torch.stack([train_ids[s: s + spec.seq_len] for s in starts.tolist()]).to(device)
+        model.train()
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running += loss.item()
+        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
+            model.eval()
+            ppl = perplexity(model, valid_ids.to(device), window=spec.seq_len)
+            n = spec.eval_every if (step + 1) % spec.eval_every == 0 else (step + 1) % spec.eval_every
+            history.append((step + 1, running / n, ppl))
+            log(f"step {step + 1:6d}  lr {_lr_at(step, spec):.2e}  train loss {running / n:.4f}  "
+                f"validation ppl {ppl:.2f}")
+            running = 0.0
+    model.eval()
+    return model.to("cpu").float(), history
+
+
+def manifest() -> dict:
+    """The shipped model's manifest: corpus hash, config, recipe, versions, final PPL (chapter 00)."""
+    return json.loads((teaching_model_path() / "manifest.json").read_text())
+
+
+def load_teaching_model(device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Load the shipped teaching LLaMA and its tokenizer, offline, via ``from_pretrained`` (chapter 00).
+
+    Returns ``(model, tokenizer)`` with the model in eval mode. This is the same code path
+    as loading any Hugging Face checkpoint; only the folder is local package data.
+    """
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = teaching_model_path()
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"the teaching checkpoint is missing from {path}; "
+                                "build it with scripts/train_teaching_model.py")
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def environment_versions() -> dict:
+    """Versions of Python and the libraries that shape results, for manifests."""
+    import numpy
+    import tokenizers
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "numpy": numpy.__version__}
+
+
+def spec_dict(spec: TeachingSpec) -> dict:
+    return asdict(spec)
