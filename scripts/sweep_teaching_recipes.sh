@@ -1,5 +1,10 @@
 #!/bin/bash
-# temporary: GPU sweep of teaching-model recipes (not committed)
+# The GPU sweep that chose the shipped teaching-model recipe (run once on an H200 via the
+# device tool; logs in scripts/logs/teaching_recipe_*.log). Each recipe trains with
+# scripts/train_teaching_model.py, then prints the leave-one-out loss increase of every layer.
+# Finding: the 483 k-token corpus is memorised after ~1,200 steps of 32x128 tokens
+# (A-D: validation PPL rises from 64 to 458-2,940), so the shipped recipe is E: 1,500 steps,
+# cosine decay, validation PPL 59.9 vs 792 for the unigram baseline.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=3
 nvidia-smi --query-gpu=name,memory.used --format=csv
@@ -11,7 +16,6 @@ import sys, numpy as np, torch, minilib as ml
 from transformers import LlamaForCausalLM, AutoTokenizer
 d = f"/tmp/runs/{sys.argv[1]}"
 m = LlamaForCausalLM.from_pretrained(d).cuda().eval(); tok = AutoTokenizer.from_pretrained(d)
-ids = ml.teaching.calibration_ids.__wrapped__ if False else None
 from minilib.teaching import encode_documents, _read_corpus
 docs = _read_corpus(d + "/corpus.jsonl.gz")
 s = encode_documents(tok, [x for x in docs if x.split == "calibration"])
@@ -26,6 +30,11 @@ PY
   cp /tmp/runs/$name.log $OUT/$name.log
 }
 mkdir -p /tmp/runs
+run A --steps 4000 --batch-size 32 --lr 2e-3 &
+run B --steps 8000 --batch-size 32 --lr 2e-3 &
+run C --steps 6000 --batch-size 32 --lr 2e-3 --intermediate-size 512 &
+run D --steps 6000 --batch-size 64 --lr 3e-3 &
+wait
 run E --steps 1500 --batch-size 32 --lr 2e-3 --eval-every 250 &
 run F --steps 2500 --batch-size 16 --lr 2e-3 --eval-every 250 &
 wait
