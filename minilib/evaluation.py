@@ -173,3 +173,157 @@ class LayerGame(Game):
         return (f"LayerGame(n_players={self.n_players}, utility={self.utility!r}, "
                 f"calibration={tuple(self.input_ids.shape)}, base_ppl={self.base_ppl:.3f}, "
                 f"n_evals={self.n_evals})")
+
+
+# --- prefix-shared exact evaluation (chapter 03) ---------------------------------------------
+
+_FINAL_NORM_PATHS = {"gpt2": "transformer.ln_f", "opt": "model.decoder.final_layer_norm"}
+
+
+def _resolve(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _head(model: torch.nn.Module):
+    """hidden states after the last decoder layer -> logits (final norm, projection, LM head)."""
+    model_type = model.config.model_type
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise NotImplementedError("exact_values does not implement final-logit soft-capping (Gemma 2)")
+    norm = _resolve(model, _FINAL_NORM_PATHS.get(model_type, "model.norm"))
+    project_out = getattr(getattr(model, "model", None), "decoder", None)
+    project_out = getattr(project_out, "project_out", None) if model_type == "opt" else None
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        if norm is not None:
+            hidden = norm(hidden)
+        if project_out is not None:
+            hidden = project_out(hidden)
+        return model.lm_head(hidden)
+
+    return head
+
+
+def _capture_layer_calls(model: torch.nn.Module, input_ids: torch.Tensor):
+    """Run the full model once and record each decoder layer's call: (layer-0 input, per-layer args/kwargs)."""
+    layers = decoder_layers(model)
+    calls: list = [None] * len(layers)
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(module, args, kwargs, i=i):
+            calls[i] = (args[0] if args else kwargs["hidden_states"], args[1:],
+                        {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
+
+
+def _tile(value, copies: int, batch: int):
+    """Repeat the batch axis of captured layer inputs for ``copies`` stacked states."""
+    if copies == 1:
+        return value
+    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch and batch > 1:
+        return value.repeat(copies, *([1] * (value.ndim - 1)))
+    if isinstance(value, tuple):
+        return tuple(_tile(v, copies, batch) for v in value)
+    return value
+
+
+class _PrefixWalker:
+    """Depth-first over the first L−c layers, breadth-first (batched) over the last c."""
+
+    def __init__(self, game: "LayerGame", bfs_levels: int, row_chunk: int, progress: bool):
+        self.model, self.ids = game.model, game.input_ids
+        self.layers = decoder_layers(self.model)
+        self.n = len(self.layers)
+        self.batch = self.ids.shape[0]
+        self.c = bfs_levels
+        self.row_chunk = row_chunk
+        self.head = _head(self.model)
+        self.h0, self.calls = _capture_layer_calls(self.model, self.ids)
+        self.losses = np.full(2 ** self.n, np.nan)
+        self.layer_forwards = 0
+        self.bar = tqdm(total=2 ** (self.n - self.c), desc="prefix-shared exact values", disable=not progress)
+
+    def run_layer(self, k: int, states: torch.Tensor) -> torch.Tensor:
+        copies = states.shape[0] // self.batch
+        args, kwargs = self.calls[k]
+        step = max(1, self.row_chunk // self.batch) * self.batch
+        outs = []
+        for start in range(0, states.shape[0], step):
+            part = states[start: start + step]
+            m = part.shape[0] // self.batch
+            out = self.layers[k](part, *_tile(args, m, self.batch), **{key: _tile(v, m, self.batch)
+                                                                       for key, v in kwargs.items()})
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        self.layer_forwards += copies
+        return torch.cat(outs)
+
+    def leaf_losses(self, states: torch.Tensor) -> np.ndarray:
+        targets = self.ids[:, 1:]
+        per_row = []
+        for start in range(0, states.shape[0], self.batch * max(1, self.row_chunk // (4 * self.batch))):
+            part = states[start: start + self.batch * max(1, self.row_chunk // (4 * self.batch))]
+            logits = self.head(part)[:, :-1].float()
+            tgt = targets.repeat(part.shape[0] // self.batch, 1)
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                    reduction="none")
+            per_row.append(nll.view(part.shape[0], -1).double().mean(dim=1))
+        return torch.cat(per_row).view(-1, self.batch).mean(dim=1).cpu().numpy()
+
+    def walk(self, level: int, hidden: torch.Tensor, mask: int) -> None:
+        top = self.n - self.c
+        if level == top:
+            states = hidden
+            for k in range(top, self.n):
+                states = torch.cat([states, self.run_layer(k, states)])
+            self.losses[mask + (np.arange(2 ** self.c, dtype=np.int64) << top)] = self.leaf_losses(states)
+            self.bar.update(1)
+            return
+        self.walk(level + 1, hidden, mask)
+        self.walk(level + 1, self.run_layer(level, hidden), mask | (1 << level))
+
+
+@torch.no_grad()
+def exact_values(game: LayerGame, bfs_levels: int | None = None, row_chunk: int = 512,
+                 progress: bool = True) -> "TabularGame":
+    """All 2**L mask values of a :class:`LayerGame`, sharing every kept prefix (chapter 03).
+
+    The masks form a binary tree over layers 0, 1, …, L−1: masks that agree on layers < k
+    share the hidden state after layer k−1, so layer k runs once per distinct prefix that
+    keeps it: 1 + 2 + … + 2**(L−1) = 2**L − 1 layer forwards in total, against
+    L·2**(L−1) when each mask is evaluated on its own (6.5× fewer for L = 12). The walk is
+    depth-first over the first L − ``bfs_levels`` layers and breadth-first over the rest, whose
+    2**bfs_levels states go through each layer together in batches of ``row_chunk`` rows.
+    Each layer is called with exactly the arguments the model's own forward passes it
+    (recorded once by a hook), so masks, rotary embeddings and attention implementation match.
+    The results also fill the game's cache. Returns a :class:`~minilib.games.TabularGame` of the
+    game's utility, indexed by bitmask (bit i = layer i).
+    """
+    from .games import TabularGame
+
+    n = game.n_players
+    if bfs_levels is None:
+        bfs_levels = max(0, min(n, int(math.log2(max(1, row_chunk // game.input_ids.shape[0])))))
+    if not 0 <= bfs_levels <= n:
+        raise ValueError(f"bfs_levels must be in 0..{n}, got {bfs_levels}")
+    walker = _PrefixWalker(game, bfs_levels, row_chunk, progress)
+    walker.walk(0, walker.h0, 0)
+    walker.bar.close()
+    losses = walker.losses
+    masks_fresh = [k for k in range(2 ** n)]
+    for k in masks_fresh:
+        key = np.packbits(((k >> np.arange(n)) & 1).astype(bool)).tobytes()
+        if key not in game._loss_cache:
+            game._loss_cache[key] = float(losses[k])
+            game.n_evals += 1
+    values = -losses if game.utility == "neg_loss" else np.exp(game.base_loss - losses)
+    game.last_layer_forwards = walker.layer_forwards
+    return TabularGame(values, {"utility": game.utility, "calibration_shape": list(game.input_ids.shape),
+                                "base_loss": game.base_loss, "layer_forwards": walker.layer_forwards})

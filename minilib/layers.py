@@ -212,6 +212,7 @@ def prune_layers(model: torch.nn.Module, drop) -> torch.nn.Module:
     indices = set(_drop_indices(drop, n_before, allow_all=False))
     if not indices:
         return model
+    _check_renumbering_is_faithful(model.config, n_before, indices)
     kept = [layer for i, layer in enumerate(layers) if i not in indices]
     for i in sorted(indices, reverse=True):
         del layers[i]
@@ -221,6 +222,23 @@ def prune_layers(model: torch.nn.Module, drop) -> torch.nn.Module:
                 module.layer_idx = new_idx
     _shorten_config(model.config, n_before, indices)
     return model
+
+
+def _check_renumbering_is_faithful(config, n_before: int, dropped: set[int]) -> None:
+    """Refuse a pruning that would change what a kept layer computes once it is renumbered.
+
+    GPT-2 with ``scale_attn_by_inverse_layer_idx=True`` scales layer i's attention by
+    1/(i+1), fixed from ``layer_idx`` when the layer is built: a kept layer that moves to a
+    lower index would compute something else after ``from_pretrained``, and no config can say
+    otherwise. Dropping only trailing layers moves nothing and stays allowed.
+    """
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and dropped:
+        moved = [i for i in range(min(dropped), n_before) if i not in dropped]
+        if moved:
+            raise ValueError(f"drop: this model scales attention by 1/(layer_idx+1) "
+                             f"(config.scale_attn_by_inverse_layer_idx=True), so renumbering layers "
+                             f"{moved} would change them after save_pretrained/from_pretrained; "
+                             f"only trailing layers can be removed (use keep_only to skip others)")
 
 
 def _shorten_config(config, n_before: int, dropped: set[int]) -> None:

@@ -352,3 +352,37 @@ def environment_versions() -> dict:
 
 def spec_dict(spec: TeachingSpec) -> dict:
     return asdict(spec)
+
+
+EXACT_CALIBRATION = {"n_seqs": 8, "seq_len": 128, "split": "calibration"}
+"""Calibration set of the shipped exact tables: the first 8 windows of 128 calibration tokens
+(the default calibration set of every chapter)."""
+
+
+def exact_table_path(utility: str = "ppl_ratio") -> Path:
+    """Where the shipped 2**12 value table of ``utility`` lives (chapter 03)."""
+    from .evaluation import UTILITIES
+
+    if utility not in UTILITIES:
+        raise ValueError(f"utility must be one of {UTILITIES}, got {utility!r}")
+    return teaching_model_path() / f"exact_{utility}.npz"
+
+
+def exact_table(utility: str = "ppl_ratio"):
+    """The teaching model's exact value table over all 2**12 keep-masks, as a ``TabularGame`` (chapter 03).
+
+    Precomputed by ``scripts/precompute_exact.py`` on :data:`EXACT_CALIBRATION`; the metadata
+    holds the model hash, calibration spec and library versions it was computed with.
+    """
+    from .games import TabularGame
+
+    path = exact_table_path(utility)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; build it with scripts/precompute_exact.py")
+    return TabularGame.load(path)
+
+
+def exact_calibration_ids(tokenizer) -> torch.Tensor:
+    """The calibration ids the shipped exact tables were computed on (chapter 03)."""
+    return calibration_ids(tokenizer, EXACT_CALIBRATION["n_seqs"], EXACT_CALIBRATION["seq_len"],
+                           split=EXACT_CALIBRATION["split"])

@@ -1,8 +1,8 @@
 """Execute chapters top to bottom in place and strip noisy metadata (``make book``).
 
 Readers on GitHub and Colab see the committed outputs, so they are regenerated here,
-on CPU, from a clean kernel; execution counts and per-cell timing metadata are removed
-so that re-running a chapter only changes what its results change.
+on CPU, from a clean kernel; execution counts are renumbered 1, 2, ... and per-cell timing
+metadata is removed, so that re-running a chapter only changes what its results change.
 """
 
 from __future__ import annotations
@@ -16,13 +16,21 @@ from nbclient import NotebookClient
 
 
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Drop execution counts and volatile metadata; keep tags and outputs."""
+    """Renumber execution counts 1, 2, ... and drop volatile metadata; keep tags and outputs.
+
+    Counts are not stripped: nbval fails every cell that has outputs but no execution count
+    ("Unrun reference cell has outputs") and checks ``# NBVAL_CHECK_OUTPUT`` only on run cells.
+    Renumbering executed cells in order makes them depend on the notebook alone, not on the run.
+    """
+    count = 0
     for cell in nb.cells:
         if cell.cell_type == "code":
-            cell.execution_count = None
+            if cell.execution_count is not None:
+                count += 1
+                cell.execution_count = count
             for out in cell.outputs:
                 if "execution_count" in out:
-                    out["execution_count"] = None
+                    out["execution_count"] = cell.execution_count
         cell.metadata.pop("execution", None)
         cell.metadata.pop("ExecuteTime", None)
     nb.metadata.pop("widgets", None)

@@ -1,0 +1,146 @@
+"""Shared fixtures: the shipped teaching model (loaded once), a small calibration batch, tiny
+random models of other architectures, and logit helpers.
+
+Fixtures that hand out a *shared* model must never see it modified: tests that prune work on
+``copy.deepcopy(model)``; tests that mask use :func:`minilib.layers.keep_only`, which restores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import minilib as ml
+
+# Every forward in these tests is small (a few hundred tokens), so intra-op threads mostly wait
+# on each other; on a 2-core machine shared with other work (notebook kernels, a book build)
+# one thread made the suite 3x faster (44 s vs 137 s) and costs little on an idle machine.
+# Set MINILIB_TEST_THREADS=0 to keep PyTorch's default.
+_THREADS = int(os.environ.get("MINILIB_TEST_THREADS", "1"))
+if _THREADS > 0:
+    torch.set_num_threads(_THREADS)
+
+N_SEQS, SEQ_LEN = 4, 64  # calibration batch used by most tests: small enough for 2 CPU cores
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Float32 logits of ``model`` on ``ids`` without a KV cache."""
+    return model(input_ids=ids, use_cache=False, **kwargs).logits.float()
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a.float() - b.float()).abs().max())
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer, to check bit-identical restoration."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k, v in after.items() if not torch.equal(v, before[k])]
+    assert not changed, f"parameters changed: {changed[:5]}"
+
+
+def assert_no_forward_overrides(model: torch.nn.Module) -> None:
+    """No decoder layer may keep an instance-level ``forward`` after a context manager exits."""
+    leftovers = [i for i, layer in enumerate(ml.layers.decoder_layers(model)) if "forward" in layer.__dict__]
+    assert not leftovers, f"layers {leftovers} still have a patched forward"
+
+
+@pytest.fixture(scope="session")
+def teaching():
+    """``(model, tokenizer)`` of the shipped 12-layer teaching LLaMA, loaded once per session."""
+    torch.manual_seed(0)
+    model, tokenizer = ml.teaching.load_teaching_model()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def model(teaching):
+    return teaching[0]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(teaching):
+    return teaching[1]
+
+
+@pytest.fixture(scope="session")
+def n_layers(model) -> int:
+    return len(ml.layers.decoder_layers(model))
+
+
+@pytest.fixture(scope="session")
+def calib_ids(tokenizer) -> torch.Tensor:
+    """``(4, 64)`` token ids from the calibration split."""
+    return ml.teaching.calibration_ids(tokenizer, N_SEQS, SEQ_LEN)
+
+
+@pytest.fixture(scope="session")
+def base_logits(model, calib_ids) -> torch.Tensor:
+    """Logits of the unmasked teaching model on ``calib_ids``."""
+    return logits_of(model, calib_ids)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+# ---- tiny random models of other supported architectures (no downloads) ----
+
+TINY_VOCAB = 100
+
+
+def _tiny(kind: str) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=TINY_VOCAB, n_positions=64,
+                            bos_token_id=0, eos_token_id=0)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif kind == "opt":
+        cfg = tf.OPTConfig(num_hidden_layers=3, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                           vocab_size=TINY_VOCAB, word_embed_proj_dim=32, max_position_embeddings=64,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=1)
+        model = tf.OPTForCausalLM(cfg)
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                               num_key_value_heads=1, vocab_size=TINY_VOCAB, max_position_embeddings=64)
+        model = tf.MistralForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=TINY_VOCAB, max_position_embeddings=64)
+        model = tf.Qwen2ForCausalLM(cfg)
+    else:  # pragma: no cover - a typo in a test
+        raise KeyError(kind)
+    # Default initialisation (std 0.02) makes blocks nearly invisible; larger weights make
+    # "skipping a layer changes the logits" a meaningful, checkable property.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+TINY_KINDS = ("gpt2", "opt", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session", params=TINY_KINDS)
+def tiny(request) -> tuple[str, torch.nn.Module]:
+    """``(kind, model)``: a 3-layer random causal LM of a non-teaching architecture."""
+    return request.param, _tiny(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_ids() -> torch.Tensor:
+    return torch.randint(0, TINY_VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))

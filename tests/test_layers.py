@@ -1,0 +1,428 @@
+"""minilib.layers: finding decoder layers, skipping them (keep_only), removing them (prune_layers).
+
+The properties that matter:
+- skipping a layer is the same function as zeroing its weights (the paper's method), and the
+  model is restored exactly afterwards, also when the body raises;
+- a (batch, L) mask gives each row its own model;
+- a pruned model survives save_pretrained / from_pretrained unchanged, and equals the
+  unpruned model with the same layers skipped;
+- bad inputs are refused with errors that name the argument.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import minilib as ml
+from conftest import assert_no_forward_overrides, assert_same_state, logits_of, max_abs_diff, snapshot
+
+TOL = 1e-5
+
+
+def random_keep_masks(rng: np.random.Generator, n_masks: int, n_layers: int) -> list[np.ndarray]:
+    """Random keep-masks with a varied number of dropped layers, never all-True."""
+    masks = []
+    while len(masks) < n_masks:
+        keep = rng.random(n_layers) < rng.uniform(0.2, 0.9)
+        if not keep.all():
+            masks.append(keep)
+    return masks
+
+
+# ---------------------------------------------------------------- decoder_layers
+
+def test_decoder_layers_of_teaching_model(model, n_layers):
+    layers = ml.layers.decoder_layers(model)
+    assert isinstance(layers, torch.nn.ModuleList)
+    assert layers is model.model.layers
+    assert n_layers == model.config.num_hidden_layers == 12
+
+
+LAYER_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "mistral": "model.layers",
+               "qwen2": "model.layers"}
+
+
+def test_decoder_layers_of_other_architectures(tiny):
+    kind, model = tiny
+    expected = model
+    for part in LAYER_PATHS[kind].split("."):
+        expected = getattr(expected, part)
+    assert ml.layers.decoder_layers(model) is expected
+    assert len(expected) == 3
+
+
+def test_decoder_layers_of_base_models():
+    """Models loaded without an LM head (AutoModel) keep their layers one level up."""
+    torch.manual_seed(0)
+    gpt2 = tf.GPT2Model(tf.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    opt = tf.OPTModel(tf.OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32, num_attention_heads=2,
+                                   vocab_size=50, word_embed_proj_dim=16))
+    llama = tf.LlamaModel(tf.LlamaConfig(num_hidden_layers=2, hidden_size=16, intermediate_size=32,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
+    assert ml.layers.decoder_layers(gpt2) is gpt2.h
+    assert ml.layers.decoder_layers(opt) is opt.decoder.layers
+    assert ml.layers.decoder_layers(llama) is llama.layers
+
+
+def _tiny_bert():
+    cfg = tf.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                        vocab_size=50, max_position_embeddings=16)
+    return tf.BertModel(cfg)
+
+
+@pytest.mark.parametrize("make,type_name", [(_tiny_bert, "bert"), (lambda: torch.nn.Linear(3, 3), "Linear")])
+def test_decoder_layers_refuses_unknown_architectures(make, type_name):
+    with pytest.raises(ValueError) as err:
+        ml.layers.decoder_layers(make())
+    msg = str(err.value)
+    assert type_name in msg                           # names what it got
+    for supported in ("llama", "gpt2", "opt", "mistral", "qwen2"):
+        assert supported in msg                       # and lists what it supports
+    assert set(ml.layers.supported_model_types()) >= {"llama", "gpt2", "opt", "mistral", "qwen2"}
+
+
+# ---------------------------------------------------------------- keep_only == zero-and-restore
+
+def test_keep_only_equals_zero_layers_and_restores(model, calib_ids, base_logits, n_layers, rng):
+    before = snapshot(model)
+    masks = random_keep_masks(rng, 5, n_layers)
+    masks.append(np.eye(n_layers, dtype=bool)[0])           # only layer 0
+    for keep in masks:
+        with ml.layers.keep_only(model, keep) as same:
+            assert same is model
+            skipped = logits_of(model, calib_ids)
+        with ml.layers.zero_layers(model, ~keep):
+            zeroed = logits_of(model, calib_ids)
+        assert max_abs_diff(skipped, zeroed) <= TOL, keep
+        # the mask matters: otherwise the comparison above would prove nothing
+        assert max_abs_diff(skipped, base_logits) > 1e-2, keep
+        assert_no_forward_overrides(model)
+        assert_same_state(model, before)
+    assert max_abs_diff(logits_of(model, calib_ids), base_logits) <= 1e-6
+
+
+def test_zero_layers_accepts_indices_and_restores(model, calib_ids, base_logits, n_layers):
+    before = snapshot(model)
+    keep = np.ones(n_layers, dtype=bool)
+    keep[[2, 5]] = False
+    with ml.layers.zero_layers(model, [5, 2]):
+        by_index = logits_of(model, calib_ids)
+        assert all(not p.detach().any() for p in ml.layers.decoder_layers(model)[2].parameters())
+    with ml.layers.keep_only(model, keep):
+        skipped = logits_of(model, calib_ids)
+    assert max_abs_diff(by_index, skipped) <= TOL
+    assert_same_state(model, before)
+    assert max_abs_diff(logits_of(model, calib_ids), base_logits) <= 1e-6
+
+
+def test_zero_layers_restores_after_exception(model, n_layers):
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ml.layers.zero_layers(model, np.arange(n_layers) % 2 == 0):
+            raise RuntimeError("boom")
+    assert_same_state(model, before)
+
+
+def test_keep_only_restores_after_exception(model, calib_ids, base_logits, n_layers):
+    keep = np.zeros(n_layers, dtype=bool)
+    keep[:3] = True
+    with pytest.raises(RuntimeError, match="inside keep_only"):
+        with ml.layers.keep_only(model, keep):
+            assert "forward" in ml.layers.decoder_layers(model)[5].__dict__  # the patch was live
+            raise RuntimeError("inside keep_only")
+    assert_no_forward_overrides(model)
+    assert max_abs_diff(logits_of(model, calib_ids), base_logits) <= 1e-6
+
+
+def test_keep_only_nested_restores_in_order(model, calib_ids, base_logits, n_layers):
+    outer = np.ones(n_layers, dtype=bool)
+    outer[4] = False
+    inner = np.ones(n_layers, dtype=bool)
+    inner[[4, 7]] = False
+    with ml.layers.keep_only(model, outer):
+        outer_logits = logits_of(model, calib_ids)
+        with ml.layers.keep_only(model, inner):
+            both = logits_of(model, calib_ids)
+        assert max_abs_diff(logits_of(model, calib_ids), outer_logits) <= 1e-6
+    with ml.layers.keep_only(model, inner):
+        assert max_abs_diff(logits_of(model, calib_ids), both) <= TOL
+    assert_no_forward_overrides(model)
+    assert max_abs_diff(logits_of(model, calib_ids), base_logits) <= 1e-6
+
+
+def test_keep_only_accepts_lists_numbers_and_tensors(model, calib_ids, n_layers):
+    keep = np.ones(n_layers, dtype=bool)
+    keep[[1, 3]] = False
+    with ml.layers.keep_only(model, keep):
+        ref = logits_of(model, calib_ids)
+    for variant in (keep.tolist(), keep.astype(int).tolist(), keep.astype(float), torch.from_numpy(keep)):
+        with ml.layers.keep_only(model, variant):
+            assert max_abs_diff(logits_of(model, calib_ids), ref) <= 1e-6
+
+
+def test_empty_mask_is_embeddings_straight_into_the_head(model, calib_ids, n_layers):
+    """All layers skipped: logits = lm_head(final_norm(embed(ids))), a finite bigram-like model."""
+    with ml.layers.keep_only(model, np.zeros(n_layers, dtype=bool)):
+        empty = logits_of(model, calib_ids)
+    with torch.no_grad():
+        by_hand = model.lm_head(model.model.norm(model.model.embed_tokens(calib_ids))).float()
+    assert torch.isfinite(empty).all()
+    assert max_abs_diff(empty, by_hand) <= TOL
+
+
+# ---------------------------------------------------------------- batched (per-row) masks
+
+def test_batched_masks_equal_per_row_masks(model, calib_ids, base_logits, n_layers, rng):
+    masks = np.array(random_keep_masks(rng, len(calib_ids), n_layers))
+    masks[0] = True                     # one row keeps everything
+    masks[1, :] = False                 # one row keeps nothing
+    with ml.layers.keep_only(model, masks):
+        batched = logits_of(model, calib_ids)
+    for row, keep in enumerate(masks):
+        with ml.layers.keep_only(model, keep):
+            alone = logits_of(model, calib_ids[row: row + 1])
+        assert max_abs_diff(batched[row], alone[0]) <= TOL, row
+    assert max_abs_diff(batched[0], base_logits[0]) <= TOL
+    assert_no_forward_overrides(model)
+
+
+def test_batched_masks_with_padding_attention_mask(model, calib_ids, n_layers, rng):
+    """Per-row tensors such as a padding mask are split along with the rows."""
+    attention = torch.ones_like(calib_ids)
+    attention[1, :10] = 0
+    attention[3, :25] = 0
+    masks = np.array(random_keep_masks(rng, len(calib_ids), n_layers))
+    masks[:, 0] = True
+    with ml.layers.keep_only(model, masks):
+        batched = logits_of(model, calib_ids, attention_mask=attention)
+    for row, keep in enumerate(masks):
+        with ml.layers.keep_only(model, keep):
+            alone = logits_of(model, calib_ids[row: row + 1], attention_mask=attention[row: row + 1])
+        real = attention[row].bool()
+        assert max_abs_diff(batched[row][real], alone[0][real]) <= TOL, row
+
+
+def test_batched_mask_rows_must_match_batch(model, calib_ids, n_layers):
+    masks = np.ones((len(calib_ids) + 1, n_layers), dtype=bool)
+    masks[0, 3] = False
+    with ml.layers.keep_only(model, masks):
+        with pytest.raises(ValueError, match="rows"):
+            logits_of(model, calib_ids)
+    assert_no_forward_overrides(model)
+
+
+# ---------------------------------------------------------------- prune_layers
+
+def test_prune_save_reload_is_identical(model, calib_ids, n_layers, tmp_path):
+    drop = [3, 7, 8]
+    keep = np.ones(n_layers, dtype=bool)
+    keep[drop] = False
+    with ml.layers.keep_only(model, keep):
+        skipped = logits_of(model, calib_ids)
+
+    pruned = ml.layers.prune_layers(copy.deepcopy(model), drop)
+    k = n_layers - len(drop)
+    layers = ml.layers.decoder_layers(pruned)
+    assert len(layers) == k == pruned.config.num_hidden_layers
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(k))
+    assert len(ml.layers.decoder_layers(model)) == n_layers  # the original is untouched
+
+    in_memory = logits_of(pruned, calib_ids)
+    assert max_abs_diff(in_memory, skipped) <= 1e-6
+
+    pruned.save_pretrained(tmp_path)
+    reloaded, info = tf.LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    reloaded.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert reloaded.config.num_hidden_layers == k == len(ml.layers.decoder_layers(reloaded))
+    assert max_abs_diff(logits_of(reloaded, calib_ids), in_memory) <= 1e-6
+
+    # Generation with a KV cache relies on the renumbered layer_idx: same greedy tokens.
+    prompt = calib_ids[:1, :8]
+    kwargs = dict(max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    from_memory = pruned.generate(prompt, **kwargs)
+    from_disk = reloaded.generate(prompt, **kwargs)
+    no_cache = pruned.generate(prompt, **{**kwargs, "use_cache": False})
+    assert from_memory.shape == (1, 13)
+    assert torch.equal(from_memory, from_disk)
+    assert torch.equal(from_memory, no_cache)
+
+
+def test_pruning_without_config_update_would_corrupt_reload(model, calib_ids, n_layers, tmp_path):
+    """Deleting layers by hand (no config update) saves fine but reloads the old depth with
+    random layers appended: the logits change. prune_layers is what prevents this."""
+    drop = [3, 7, 8]
+    naive = copy.deepcopy(model)
+    layers = ml.layers.decoder_layers(naive)
+    for i in sorted(drop, reverse=True):
+        del layers[i]
+    assert naive.config.num_hidden_layers == n_layers       # stale: the bug being simulated
+    naive.save_pretrained(tmp_path / "naive")
+    naive_reloaded, info = tf.LlamaForCausalLM.from_pretrained(tmp_path / "naive", output_loading_info=True)
+    assert info["missing_keys"]                              # the extra layers were random-initialised
+    assert len(ml.layers.decoder_layers(naive_reloaded)) == n_layers
+    assert max_abs_diff(logits_of(naive_reloaded.eval(), calib_ids), logits_of(naive, calib_ids)) > 1e-2
+
+    pruned = ml.layers.prune_layers(copy.deepcopy(model), drop)
+    pruned.save_pretrained(tmp_path / "pruned")
+    reloaded, info = tf.LlamaForCausalLM.from_pretrained(tmp_path / "pruned", output_loading_info=True)
+    assert not info["missing_keys"]
+    assert max_abs_diff(logits_of(reloaded.eval(), calib_ids), logits_of(naive, calib_ids)) <= 1e-6
+
+
+def test_prune_accepts_bool_mask(model, calib_ids, n_layers):
+    drop_mask = np.zeros(n_layers, dtype=bool)
+    drop_mask[[0, 11]] = True
+    by_mask = ml.layers.prune_layers(copy.deepcopy(model), drop_mask)
+    by_index = ml.layers.prune_layers(copy.deepcopy(model), [11, 0, 0])  # unordered, duplicated
+    assert len(ml.layers.decoder_layers(by_mask)) == len(ml.layers.decoder_layers(by_index)) == n_layers - 2
+    assert max_abs_diff(logits_of(by_mask, calib_ids), logits_of(by_index, calib_ids)) == 0.0
+
+
+def test_prune_shortens_per_layer_config_lists(model, n_layers, tmp_path):
+    pruned = copy.deepcopy(model)
+    pruned.config.layer_types = ["full_attention"] * n_layers
+    pruned.config.per_layer_marker = list(range(n_layers))     # a custom per-layer list
+    ml.layers.prune_layers(pruned, [1, 4])
+    assert len(pruned.config.layer_types) == n_layers - 2
+    assert pruned.config.per_layer_marker == [i for i in range(n_layers) if i not in (1, 4)]
+    pruned.save_pretrained(tmp_path)
+    reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert len(reloaded.config.layer_types) == reloaded.config.num_hidden_layers == n_layers - 2
+    assert not hasattr(model.config, "per_layer_marker")      # the shared model's config is untouched
+
+
+# ---------------------------------------------------------------- other architectures
+
+def test_other_architectures_skip_equals_zero(tiny, tiny_ids):
+    kind, model = tiny
+    before = snapshot(model)
+    base = logits_of(model, tiny_ids)
+    for keep in ([True, False, True], [False, True, True], [True, True, False], [False, False, False]):
+        keep = np.array(keep)
+        with ml.layers.keep_only(model, keep):
+            skipped = logits_of(model, tiny_ids)
+        with ml.layers.zero_layers(model, ~keep):
+            zeroed = logits_of(model, tiny_ids)
+        assert max_abs_diff(skipped, zeroed) <= TOL, (kind, keep)
+        assert max_abs_diff(skipped, base) > 1e-3, (kind, keep)
+    assert_same_state(model, before)
+    assert_no_forward_overrides(model)
+    assert max_abs_diff(logits_of(model, tiny_ids), base) <= 1e-6
+
+
+def test_other_architectures_batched_masks(tiny, tiny_ids):
+    kind, model = tiny
+    masks = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=bool)
+    with ml.layers.keep_only(model, masks):
+        batched = logits_of(model, tiny_ids)
+    for row, keep in enumerate(masks):
+        with ml.layers.keep_only(model, keep):
+            assert max_abs_diff(batched[row], logits_of(model, tiny_ids[row: row + 1])[0]) <= TOL, (kind, row)
+
+
+def test_other_architectures_prune_save_reload(tiny, tiny_ids, tmp_path):
+    kind, model = tiny
+    with ml.layers.keep_only(model, [True, False, True]):
+        skipped = logits_of(model, tiny_ids)
+    pruned = ml.layers.prune_layers(copy.deepcopy(model), [1])
+    assert pruned.config.num_hidden_layers == 2
+    if kind == "gpt2":
+        assert pruned.config.n_layer == 2                     # GPT-2 spells it n_layer
+    if kind == "qwen2":
+        assert len(pruned.config.layer_types) == 2
+    attn_idx = [m.layer_idx for layer in ml.layers.decoder_layers(pruned) for m in layer.modules()
+                if hasattr(m, "layer_idx")]
+    assert attn_idx and sorted(set(attn_idx)) == [0, 1]
+    in_memory = logits_of(pruned, tiny_ids)
+    assert max_abs_diff(in_memory, skipped) <= 1e-6
+
+    pruned.save_pretrained(tmp_path)
+    reloaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert len(ml.layers.decoder_layers(reloaded)) == 2 == reloaded.config.num_hidden_layers
+    assert max_abs_diff(logits_of(reloaded.eval(), tiny_ids), in_memory) <= 1e-6
+
+    prompt = tiny_ids[:1, :5]
+    kwargs = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(pruned.generate(prompt, **kwargs), reloaded.generate(prompt, **kwargs))
+
+
+# ---------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("bad,exc,words", [
+    ("short", ValueError, ["keep", "12"]),
+    ("long", ValueError, ["keep", "12"]),
+    ("two", ValueError, ["keep", "0/1"]),
+    ("half", ValueError, ["keep", "0/1"]),
+    ("strings", TypeError, ["keep", "boolean"]),
+    ("3d", ValueError, ["keep", "shape"]),
+])
+def test_keep_only_rejects_bad_masks(model, n_layers, bad, exc, words):
+    masks = {
+        "short": np.ones(n_layers - 1, dtype=bool),
+        "long": np.ones(n_layers + 1, dtype=bool),
+        "two": [2] + [1] * (n_layers - 1),
+        "half": [0.5] + [1.0] * (n_layers - 1),
+        "strings": ["yes"] * n_layers,
+        "3d": np.ones((2, 2, n_layers), dtype=bool),
+    }
+    with pytest.raises(exc) as err:
+        with ml.layers.keep_only(model, masks[bad]):
+            pass
+    for word in words:
+        assert word in str(err.value)
+    assert_no_forward_overrides(model)
+
+
+@pytest.mark.parametrize("drop,exc,words", [
+    ("all_indices", ValueError, ["drop", "all"]),
+    ("all_mask", ValueError, ["drop", "all"]),
+    ([12], ValueError, ["drop", "12"]),
+    ([-1], ValueError, ["drop", "-1"]),
+    ([1.5], TypeError, ["drop"]),
+    (["a"], TypeError, ["drop"]),
+    ("short_mask", ValueError, ["drop", "12"]),
+])
+def test_prune_layers_rejects_bad_drops(model, n_layers, drop, exc, words):
+    drop = {"all_indices": list(range(n_layers)), "all_mask": np.ones(n_layers, dtype=bool),
+            "short_mask": np.ones(n_layers - 2, dtype=bool)}.get(drop, drop) if isinstance(drop, str) else drop
+    target = copy.deepcopy(model)
+    with pytest.raises(exc) as err:
+        ml.layers.prune_layers(target, drop)
+    for word in words:
+        assert word in str(err.value)
+    assert len(ml.layers.decoder_layers(target)) == n_layers        # nothing was removed
+    assert target.config.num_hidden_layers == n_layers
+
+
+def test_prune_layers_with_nothing_to_drop_is_a_no_op(model, n_layers):
+    target = copy.deepcopy(model)
+    assert ml.layers.prune_layers(target, []) is target
+    assert len(ml.layers.decoder_layers(target)) == n_layers == target.config.num_hidden_layers
+
+
+def test_prune_refuses_gpt2_inverse_layer_idx_scaling_unless_trailing(tiny_ids, tmp_path):
+    """GPT-2 with scale_attn_by_inverse_layer_idx fixes 1/(layer_idx+1) at construction, so a
+    renumbered layer would compute something else after reload: refused, except for trailing drops."""
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0,
+                        eos_token_id=0, scale_attn_by_inverse_layer_idx=True)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.3)
+    with pytest.raises(ValueError, match="drop.*scale_attn_by_inverse_layer_idx"):
+        ml.layers.prune_layers(copy.deepcopy(model), [0])
+    with ml.layers.keep_only(model, [True, True, False]):
+        skipped = logits_of(model, tiny_ids)
+    pruned = ml.layers.prune_layers(copy.deepcopy(model), [2])      # nothing is renumbered
+    pruned.save_pretrained(tmp_path)
+    reloaded = tf.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert max_abs_diff(logits_of(reloaded, tiny_ids), skipped) <= 1e-6
