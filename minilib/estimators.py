@@ -1,0 +1,378 @@
+"""Monte Carlo estimators of Shapley values (and the paper's semivalue) under a fixed budget.
+
+Introduced in chapter 04. Every estimator takes a game, a ``budget`` counted in game
+evaluations — distinct coalitions sent to the game, the empty and full coalitions included —
+and an explicit ``rng``; it plans its samples so that the budget can never be exceeded, sends
+them to the game in large batches (a :class:`~minilib.evaluation.LayerGame` evaluates many
+masks per forward pass) and returns an :class:`Estimate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import comb
+
+import numpy as np
+
+from .games import CountingGame
+
+_BATCH = 4096  # coalitions per game call
+
+
+@dataclass
+class Estimate:
+    """An estimate with its uncertainty and its cost (chapter 04).
+
+    ``values`` (n,) and ``stderr`` (n,) (NaN where the method gives none); ``n_evals`` is the
+    number of game evaluations actually spent, never above the budget; ``trace_evals`` (T,)
+    and ``trace_values`` (T, n) record the running estimate as samples accumulated.
+    """
+
+    values: np.ndarray
+    stderr: np.ndarray
+    n_evals: int
+    method: str
+    trace_evals: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
+    trace_values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    def __repr__(self) -> str:
+        return f"Estimate(method={self.method!r}, n_evals={self.n_evals}, values={np.round(self.values, 4)})"
+
+
+def _check_budget(budget, minimum: int, what: str) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise TypeError(f"budget must be an int (game evaluations), got {type(budget).__name__}")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget}")
+    if budget < minimum:
+        raise ValueError(f"budget={budget} is too small: {what} needs at least {minimum} game evaluations")
+    return int(budget)
+
+
+def _rng(rng) -> np.random.Generator:
+    if rng is None or isinstance(rng, (int, np.integer)):
+        return np.random.default_rng(rng)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy Generator, an int seed or None, got {type(rng).__name__}")
+    return rng
+
+
+def _evaluate(game: CountingGame, coalitions: np.ndarray) -> np.ndarray:
+    return np.concatenate([game(coalitions[s: s + _BATCH]) for s in range(0, len(coalitions), _BATCH)]) \
+        if len(coalitions) else np.zeros(0)
+
+
+def _counting(game) -> CountingGame:
+    n = getattr(game, "n_players", None)
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise TypeError(f"game must have a positive int n_players, got {n!r}")
+    return CountingGame(game, cache=True)
+
+
+def _running(samples: np.ndarray, evals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    means = np.cumsum(samples, axis=0) / np.arange(1, len(samples) + 1)[:, None]
+    return evals, means
+
+
+# --- permutation sampling ---------------------------------------------------------------------
+
+def permutation_shapley(game, budget: int, rng=None, antithetic: bool = True) -> Estimate:
+    """Shapley values by averaging marginals along random player orderings (Castro et al. 2009) (chapter 04).
+
+    Each ordering walks from ∅ to N adding one player at a time: n − 1 new coalitions
+    besides ∅ and N, which all orderings share. With ``antithetic=True`` every ordering is paired
+    with its reverse, whose marginals are negatively correlated with the first's; the pair's
+    mean is one sample (exact for games with at most pairwise interactions). Needs ``n + 1``
+    evaluations (``2n`` when antithetic). Coalitions met twice are evaluated once, so orderings
+    are drawn in rounds until the budget cannot pay for another one.
+    """
+    counting, gen = _counting(game), _rng(rng)
+    n = counting.n_players
+    per = 2 if antithetic else 1
+    cost = max(1, per * (n - 1))
+    budget = _check_budget(budget, 2 + cost, f"permutation_shapley(antithetic={antithetic}) with n={n}")
+    seen: set[bytes] = set()
+    rounds, evals = [], []
+    spent = -1
+    while (k := (budget - max(counting.n_evals, 2)) // cost) >= 1 and counting.n_evals > spent:
+        spent = counting.n_evals  # a round that finds everything cached ends the loop
+        orders = np.stack([gen.permutation(n) for _ in range(k)])
+        if antithetic:
+            orders = np.concatenate([orders, orders[:, ::-1]])
+        ranks = np.empty_like(orders)
+        ranks[np.arange(len(orders))[:, None], orders] = np.arange(n)
+        prefixes = ranks[:, None, :] < np.arange(n + 1)[None, :, None]    # (m, n+1, n): first t players
+        values = _evaluate(counting, prefixes.reshape(-1, n)).reshape(len(orders), n + 1)
+        marginals = np.empty((len(orders), n))
+        marginals[np.arange(len(orders))[:, None], orders] = np.diff(values, axis=1)
+        if antithetic:
+            marginals = (marginals[:k] + marginals[k:]) / 2
+            prefixes = np.concatenate([prefixes[:k], prefixes[k:]], axis=1)
+        rounds.append(marginals)
+        evals.extend(_cumulative_distinct(prefixes, seen))
+    samples = np.concatenate(rounds)
+    trace_evals, trace_values = _running(samples, np.array(evals))
+    m = len(samples)
+    stderr = samples.std(axis=0, ddof=1) / np.sqrt(m) if m > 1 else np.full(n, np.nan)
+    return Estimate(samples.mean(axis=0), stderr, counting.n_evals,
+                    "permutation" + (" (antithetic)" if antithetic else ""), trace_evals, trace_values)
+
+
+def _cumulative_distinct(blocks: np.ndarray, seen: set[bytes]) -> list[int]:
+    """After each block of coalitions (rows of ``blocks[j]``), how many distinct coalitions so far."""
+    out = []
+    for block in blocks:
+        seen.update(np.packbits(block, axis=1).view(f"V{(block.shape[1] + 7) // 8}").ravel().tolist())
+        out.append(len(seen))
+    return out
+
+
+# --- stratified by coalition size ------------------------------------------------------------
+
+def _uniform_masks(gen: np.random.Generator, n: int, pool: np.ndarray, size: int, k: int) -> np.ndarray:
+    """k uniform subsets of ``size`` players drawn from ``pool``, as masks (k, n)."""
+    chosen = np.argsort(gen.random((k, len(pool))), axis=1)[:, :size]
+    masks = np.zeros((k, n), dtype=bool)
+    masks[np.arange(k)[:, None], pool[chosen]] = True
+    return masks
+
+
+def stratified_shapley(game, budget: int, rng=None, allocation: str = "neyman",
+                       sizes=None, pilot: int = 2, defensive: float = 0.1) -> Estimate:
+    """Shapley values stratified by coalition size (Maleki et al. 2013) (chapter 04).
+
+    φ_i = (1/n) Σ_s E[v(S ∪ i) − v(S)] over uniform S ⊆ N∖{i} of size s: one stratum per
+    (player, size). The end strata (s = 0 and s = n − 1) hold a single coalition and are
+    computed exactly (2n + 2 evaluations). Each middle-stratum sample costs 2 evaluations.
+    ``allocation="proportional"`` gives every stratum the same number of samples;
+    ``"neyman"`` spends ``pilot`` samples per stratum, then the rest in proportion to each
+    stratum's estimated standard deviation, mixed with a ``defensive`` share of uniform
+    allocation so that a stratum whose few pilot samples happened to agree still gets samples.
+    ``sizes`` restricts the estimate to a window of
+    coalition sizes (strata outside it count as 0: a truncated, not a full, Shapley value).
+    """
+    if allocation not in ("neyman", "proportional"):
+        raise ValueError(f"allocation must be 'neyman' or 'proportional', got {allocation!r}")
+    counting, gen = _counting(game), _rng(rng)
+    n = counting.n_players
+    window = np.arange(n) if sizes is None else np.unique(np.asarray(sizes, dtype=int))
+    if window.size == 0 or window.min() < 0 or window.max() > n - 1:
+        raise ValueError(f"sizes must be coalition sizes in 0..{n - 1}, got {sizes!r}")
+    middle = [s for s in window if 0 < s < n - 1]
+    ends = [s for s in window if s in (0, n - 1)]
+    first = pilot if allocation == "neyman" else 1
+    if not 0 <= defensive <= 1:
+        raise ValueError(f"defensive must be in [0, 1], got {defensive}")
+    if allocation == "neyman" and pilot < 2:
+        raise ValueError(f"pilot must be >= 2 (a variance needs two samples), got {pilot}")
+    fixed = (2 if ends else 0) + n * len(ends)
+    budget = _check_budget(budget, fixed + 2 * first * n * len(middle),
+                           f"stratified_shapley({allocation!r}) with n={n} and {len(middle)} middle sizes")
+    strata_sum = np.zeros((n, n))
+    strata_var = np.zeros((n, n))
+    counts = np.zeros((n, n), dtype=int)
+    if ends:
+        empty, full = np.zeros(n, dtype=bool), np.ones(n, dtype=bool)
+        singles, leave_one = np.eye(n, dtype=bool), ~np.eye(n, dtype=bool)
+        coal = np.concatenate([[empty, full]] + ([singles] if 0 in ends else []) +
+                              ([leave_one] if n - 1 in ends else []))
+        vals = _evaluate(counting, coal)
+        v0, vn, rest = vals[0], vals[1], vals[2:]
+        if 0 in ends:
+            strata_sum[:, 0], counts[:, 0], rest = rest[:n] - v0, 1, rest[n:]
+        if n - 1 in ends:
+            strata_sum[:, n - 1], counts[:, n - 1] = vn - rest[:n], 1
+    samples: dict[tuple[int, int], list[float]] = {(i, s): [] for i in range(n) for s in middle}
+
+    def draw(plan: dict[tuple[int, int], int]) -> None:
+        blocks, keys = [], []
+        for (i, s), k in plan.items():
+            if k > 0:
+                base = _uniform_masks(gen, n, np.delete(np.arange(n), i), s, k)
+                with_i = base.copy()
+                with_i[:, i] = True
+                blocks += [base, with_i]
+                keys.append(((i, s), k))
+        if not blocks:
+            return
+        vals = _evaluate(counting, np.concatenate(blocks))
+        pos = 0
+        for key, k in keys:
+            samples[key].extend((vals[pos + k: pos + 2 * k] - vals[pos: pos + k]).tolist())
+            pos += 2 * k
+
+    draw({key: first for key in samples})
+    spent = -1
+    while (remaining := (budget - counting.n_evals) // 2) >= 1 and samples and counting.n_evals > spent:
+        spent = counting.n_evals  # a round that finds everything cached ends the loop
+        if allocation == "neyman":
+            sd = np.array([np.std(v, ddof=1) for v in samples.values()])
+            share = sd / sd.sum() if sd.sum() > 0 else np.full(len(sd), 1 / len(sd))
+            share = (1 - defensive) * share + defensive / len(share)
+        else:
+            share = np.full(len(samples), 1 / len(samples))
+        extra = np.floor(share * remaining).astype(int)
+        leftover = remaining - extra.sum()
+        extra[np.argsort(-(share * remaining - extra))[:leftover]] += 1  # largest remainders
+        draw(dict(zip(samples, extra.tolist())))
+    for (i, s), v in samples.items():
+        strata_sum[i, s], counts[i, s] = np.sum(v), len(v)
+        strata_var[i, s] = np.var(v, ddof=1) / len(v) if len(v) > 1 else np.nan
+    means = np.divide(strata_sum, counts, out=np.zeros_like(strata_sum), where=counts > 0)
+    values = means.sum(axis=1) / n
+    stderr = np.sqrt(np.nansum(strata_var, axis=1)) / n
+    return Estimate(values, stderr, counting.n_evals, f"stratified ({allocation})",
+                    np.array([counting.n_evals]), values[None, :])
+
+
+# --- the paper's Hamming-weight semivalue ----------------------------------------------------
+
+def _check_keep_sizes(keep_sizes, n: int) -> np.ndarray:
+    sizes = np.asarray(keep_sizes)
+    if sizes.ndim != 1 or sizes.size == 0 or sizes.dtype.kind not in "iu":
+        raise ValueError(f"keep_sizes must be a non-empty list of ints in 0..{n}, got {keep_sizes!r}")
+    if sizes.min() < 0 or sizes.max() > n:
+        raise ValueError(f"keep_sizes must lie in 0..{n} (numbers of kept players), got {keep_sizes!r}")
+    return sizes.astype(int)
+
+
+def hamming_size_weights(n: int, keep_sizes) -> np.ndarray:
+    """Weight the paper's estimator puts on each coalition size |S| = 0..n−1 (chapter 04).
+
+    Base masks are uniform among masks keeping k players, k drawn equally from
+    ``keep_sizes``. Player i's marginal is then taken at a coalition of the *other* kept players
+    of size k − 1 (when i is in the base mask, probability k/n) or k (probability (n − k)/n).
+    Shapley's weights are uniform, 1/n each; these are concentrated next to the strata.
+    """
+    sizes = _check_keep_sizes(keep_sizes, n)
+    weights = np.zeros(n)
+    for k in sizes:
+        if k >= 1:
+            weights[k - 1] += k / n / len(sizes)
+        if k <= n - 1:
+            weights[k] += (n - k) / n / len(sizes)
+    return weights
+
+
+def hamming_semivalue_exact(game, keep_sizes) -> np.ndarray:
+    """The exact value the paper's estimator converges to, from a full value table (chapter 04)."""
+    from .shapley import marginal_table
+
+    def per_coalition(n: int) -> np.ndarray:
+        w = hamming_size_weights(n, keep_sizes)
+        return np.array([w[s] / comb(n - 1, s) for s in range(n)])
+
+    return marginal_table(game, per_coalition)
+
+
+def hamming_semivalue(game, budget: int, keep_sizes, rng=None) -> Estimate:
+    """The paper's estimator: base masks stratified by Hamming weight, marginals averaged (chapter 04).
+
+    Draws equally many base masks b uniformly within each stratum (k kept players, k in
+    ``keep_sizes``), and for every player i averages v(b with i) − v(b without i) over all base
+    masks. One of the two is b itself, so a base mask costs n + 1 evaluations. The result is a
+    semivalue with the size weights of :func:`hamming_size_weights`, not the Shapley value:
+    it ranks, but it is not efficient.
+    """
+    counting, gen = _counting(game), _rng(rng)
+    n = counting.n_players
+    sizes = _check_keep_sizes(keep_sizes, n)
+    budget = _check_budget(budget, len(sizes) * (n + 1),
+                           f"hamming_semivalue with n={n} and {len(sizes)} strata (n + 1 per base mask)")
+    seen: set[bytes] = set()
+    rounds, strata, evals = [], [], []
+    spent = -1
+    while (k := (budget - counting.n_evals) // ((n + 1) * len(sizes))) >= 1 and counting.n_evals > spent:
+        spent = counting.n_evals  # a round that finds everything cached ends the loop
+        bases = np.concatenate([_uniform_masks(gen, n, np.arange(n), size, k) for size in sizes])
+        order = gen.permutation(len(bases))  # interleave strata: the trace is unbiased at every step
+        bases = bases[order]
+        flips = bases[:, None, :] ^ np.eye(n, dtype=bool)[None]           # (m, n, n): flip player i
+        vals = _evaluate(counting, np.concatenate([bases, flips.reshape(-1, n)]))
+        v_base, v_flip = vals[: len(bases)], vals[len(bases):].reshape(len(bases), n)
+        rounds.append(np.where(bases, v_base[:, None] - v_flip, v_flip - v_base[:, None]))
+        strata.append(np.repeat(np.arange(len(sizes)), k)[order])
+        evals.extend(_cumulative_distinct(np.concatenate([bases[:, None], flips], axis=1), seen))
+    marginals, stratum = np.concatenate(rounds), np.concatenate(strata)
+    trace_evals, trace_values = _running(marginals, np.array(evals))
+    per_stratum = len(marginals) // len(sizes)
+    # strata hold equal numbers of base masks, so the stratified standard error applies
+    var = sum(marginals[stratum == j].var(axis=0, ddof=1) / per_stratum for j in range(len(sizes))) \
+        / len(sizes) ** 2 if per_stratum > 1 else np.full(n, np.nan)
+    return Estimate(marginals.mean(axis=0), np.sqrt(var), counting.n_evals, "hamming semivalue",
+                    trace_evals, trace_values)
+
+
+# --- KernelSHAP through shap -------------------------------------------------------------------
+
+def kernel_shap(game, budget: int, rng=None) -> Estimate:
+    """KernelSHAP (Lundberg & Lee 2017) through ``shap.KernelExplainer`` (chapter 04).
+
+    The game is explained at the all-ones point against a single all-zeros background row, so
+    every model call of shap is one coalition. ``l1_reg=False`` keeps every player (shap's
+    default drops players above 10). The weighted regression has n − 1 free coefficients after
+    the efficiency constraint, so the budget must leave shap at least ``2n`` sampled coalitions
+    besides ∅ and N. shap reports no standard error: ``stderr`` is NaN.
+    """
+    import shap
+
+    counting, gen = _counting(game), _rng(rng)
+    n = counting.n_players
+    budget = _check_budget(budget, 2 * n + 2, f"kernel_shap with n={n} (a well-posed regression)")
+
+    def f(x: np.ndarray) -> np.ndarray:
+        return _evaluate(counting, np.asarray(x) > 0.5)
+
+    explainer = shap.KernelExplainer(f, np.zeros((1, n)), link="identity")
+    # shap seeds its sampler from numpy's global generator; derive that seed from rng
+    state = np.random.get_state()
+    np.random.seed(int(gen.integers(2 ** 31)))
+    try:
+        values = np.asarray(explainer.shap_values(np.ones((1, n)), nsamples=budget - 2, l1_reg=False,
+                                                  silent=True)).reshape(-1)[:n]
+    finally:
+        np.random.set_state(state)
+    if counting.n_evals > budget:  # pragma: no cover - guards a change in shap's accounting
+        raise RuntimeError(f"shap used {counting.n_evals} evaluations, above budget={budget}")
+    return Estimate(values, np.full(n, np.nan), counting.n_evals, "kernel SHAP (shap)",
+                    np.array([counting.n_evals]), values[None, :])
+
+
+# --- accuracy metrics --------------------------------------------------------------------------
+
+def relative_squared_error(estimate, exact) -> float:
+    """‖φ̂ − φ‖² / ‖φ‖² (chapter 04)."""
+    est, ex = np.asarray(estimate, dtype=float), np.asarray(exact, dtype=float)
+    return float(np.sum((est - ex) ** 2) / np.sum(ex ** 2))
+
+
+def max_error(estimate, exact) -> float:
+    """max_i |φ̂_i − φ_i| (chapter 04)."""
+    return float(np.max(np.abs(np.asarray(estimate, dtype=float) - np.asarray(exact, dtype=float))))
+
+
+def spearman(estimate, exact) -> float:
+    """Spearman rank correlation between estimated and exact values (chapter 04)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(estimate, exact).statistic)
+
+
+def kendall_tau(estimate, exact) -> float:
+    """Kendall's τ between estimated and exact values (chapter 04)."""
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(estimate, exact).statistic)
+
+
+def bottom_k(values, k: int) -> set[int]:
+    """Indices of the k smallest values: the layers that would be pruned (chapter 04)."""
+    values = np.asarray(values, dtype=float)
+    if not 1 <= k <= len(values):
+        raise ValueError(f"k must be in 1..{len(values)}, got {k}")
+    return set(np.argsort(values, kind="stable")[:k].tolist())
+
+
+def bottom_k_precision(estimate, exact, k: int) -> float:
+    """Fraction of the exact bottom-k that the estimate's bottom-k recovers (chapter 04)."""
+    return len(bottom_k(estimate, k) & bottom_k(exact, k)) / k
