@@ -1,8 +1,10 @@
 """minilib: Shapley-value layer pruning of LLaMA-class language models.
 
 The companion package of the book *Pruning as a Cooperative Game*. Modules by concept:
-``games`` (the game contract), ``layers`` (find, skip and remove decoder layers),
-``evaluation`` (perplexity and the layer game), ``teaching`` (the shipped tiny LLaMA).
+``games`` (the game contract and toy games), ``shapley`` (exact values and axioms),
+``estimators`` (Monte Carlo under a budget), ``layers`` (find, skip and remove decoder
+layers), ``evaluation`` (perplexity, the layer game, exact tables), ``baselines`` (one-shot
+heuristics), ``teaching`` (the shipped tiny LLaMA).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import importlib
 import random
 
 __version__ = "0.1.0"
-__all__ = ["evaluation", "games", "layers", "teaching", "set_seed", "__version__"]
+__all__ = ["baselines", "estimators", "evaluation", "games", "layers", "shapley", "teaching",
+           "set_seed", "__version__"]
 
 
 def set_seed(seed: int = 0) -> None:
