@@ -102,7 +102,8 @@ def accuracy_report(predicted, actual, masks) -> dict:
         out = {"n": int(len(a)), "rmse": float(np.sqrt(np.mean((p - a) ** 2)))}
         var = np.var(a)
         out["r2"] = float(1 - np.mean((p - a) ** 2) / var) if var > 0 else float("nan")
-        out["spearman"] = float(spearmanr(p, a).statistic) if len(a) > 2 and var > 0 else float("nan")
+        constant = var == 0 or np.ptp(p) == 0
+        out["spearman"] = float(spearmanr(p, a).statistic) if len(a) > 2 and not constant else float("nan")
         return out
 
     predicted, actual = np.asarray(predicted, float), np.asarray(actual, float)
@@ -415,9 +416,13 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     prefixes = ranks[:, None, :] < np.arange(n + 1)[None, :, None]           # (2p, n+1, n)
     chain_values = counting(prefixes.reshape(-1, n)).reshape(2 * pairs, n + 1)
     sizes = keep_sizes if keep_sizes is not None else list(range(1, n))
-    rest = budget - counting.n_evals
-    strata = sample_stratified_masks(n, rest, sizes, gen) if rest >= len(sizes) else np.zeros((0, n), bool)
-    strata = strata[: max(0, rest)]
+    # fill the rest of the budget with stratified masks; repeats are free (cached), so draw again
+    blocks, spent = [np.zeros((0, n), bool)], -1
+    while (rest := budget - counting.n_evals) >= len(sizes) and counting.n_evals > spent:
+        spent = counting.n_evals
+        blocks.append(sample_stratified_masks(n, rest, sizes, gen)[:rest])
+        counting(blocks[-1])
+    strata = np.unique(np.concatenate(blocks), axis=0)
     strata_values = counting(strata) if len(strata) else np.zeros(0)
     fold = np.arange(pairs) % 2
     corrections, phis = [], []
