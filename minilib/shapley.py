@@ -88,6 +88,25 @@ def exact_banzhaf(game) -> np.ndarray:
     return marginal_table(game, lambda n: np.full(n, 1.0 / 2 ** (n - 1)))
 
 
+def marginals_by_size(game) -> np.ndarray:
+    """Mean marginal contribution of each player by coalition size, shape (n, n) (chapter 03).
+
+    Entry ``[i, s]`` is the plain average of v(S ∪ i) − v(S) over the C(n−1, s) coalitions S of
+    size s that do not hold i. The Shapley value is the unweighted mean of row i over the n sizes
+    (every size counts equally); the Banzhaf value weights size s by C(n−1, s) / 2**(n−1), so the
+    middle sizes dominate it.
+    """
+    table = value_table(game)
+    n = table.size.bit_length() - 1
+    sizes = _sizes(n)
+    out = np.empty((n, n))
+    for i in range(n):
+        without, with_i = _split(table, i)
+        s = _split(sizes, i)[0]
+        out[i] = np.bincount(s, weights=with_i - without, minlength=n) / np.bincount(s, minlength=n)
+    return out
+
+
 def interaction_index(game) -> np.ndarray:
     """Pairwise Shapley interaction index (Grabisch & Roubens 1999), shape (n, n), zero diagonal (chapter 03).
 
@@ -199,8 +218,6 @@ def to_shap_explanation(values, game, feature_names=None):
     The base value is v(∅) and the "prediction" v(N); for efficient values (Shapley) the
     waterfall adds up exactly. ``feature_names`` defaults to ``layer 0 … layer n−1``.
     """
-    import shap
-
     phi = np.asarray(values, dtype=float)
     n = game.n_players
     if phi.shape != (n,):
@@ -209,4 +226,7 @@ def to_shap_explanation(values, game, feature_names=None):
     if len(names) != n:
         raise ValueError(f"feature_names must have {n} names, got {len(names)}")
     base = float(game(np.zeros((1, n), dtype=bool))[0])
+
+    import shap  # only now: shap takes seconds to import, and bad inputs should fail fast
+
     return shap.Explanation(values=phi, base_values=base, data=np.ones(n), feature_names=names)

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 import minilib as ml
-import minilib.shapley  # noqa: F401  (makes ml.shapley available)
 
 G = ml.games
 
