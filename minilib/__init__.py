@@ -13,7 +13,7 @@ import importlib
 import random
 
 __version__ = "0.1.0"
-__all__ = ["baselines", "estimators", "evaluation", "games", "layers", "shapley", "surrogate", "teaching",
+__all__ = ["baselines", "estimators", "evaluation", "games", "layers", "pruning", "shapley", "surrogate", "teaching",
            "set_seed", "__version__"]
 
 

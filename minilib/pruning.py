@@ -1,0 +1,120 @@
+"""The end-to-end pipeline: score layers → choose → remove → a model that saves and reloads.
+
+Introduced in chapter 06. :func:`prune` accepts every baseline of
+:mod:`minilib.baselines` and the three game-theoretic methods, and reports what the choice
+cost in real model evaluations and seconds. ``python -m minilib prune`` is its command line.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import baselines
+from .evaluation import LayerGame, exact_values
+from .layers import decoder_layers, prune_layers
+from .shapley import exact_shapley
+
+SHAPLEY_METHODS = ("shapley_exact", "shapley_surrogate", "shapley_surrogate_corrected")
+METHODS = baselines.METHODS + SHAPLEY_METHODS
+"""Every method :func:`prune` accepts."""
+
+PAPER_STRATA_32 = (30, 27, 24, 21, 18)
+"""The paper's strata for 32-layer LLaMA-2-7B: numbers of kept layers."""
+
+MAX_EXACT_LAYERS = 16
+
+
+def paper_keep_sizes(n_layers: int) -> list[int]:
+    """The paper's strata (keep 30/27/24/21/18 of 32) scaled to ``n_layers`` (chapter 06)."""
+    return sorted({min(n_layers - 1, max(1, round(k * n_layers / 32))) for k in PAPER_STRATA_32}, reverse=True)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did (chapter 06).
+
+    ``removed``: layer indices removed (in the original numbering, least important first);
+    ``scores``: importance per original layer (larger = more important; NaN where a method has
+    none); ``model``: the pruned model; ``n_evals``: real masked evaluations of the model spent on
+    the choice (0 for methods that need none); ``seconds``: wall time of the choice.
+    """
+
+    method: str
+    removed: list[int]
+    scores: np.ndarray
+    model: torch.nn.Module
+    n_evals: int
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """A JSON-serialisable record of the choice (without the model)."""
+        return {"method": self.method, "removed": self.removed, "scores": [float(s) for s in self.scores],
+                "n_evals": self.n_evals, "seconds": round(self.seconds, 3), **self.details}
+
+
+def _shapley_scores(model, input_ids, method: str, rng, budget: int | None, keep_sizes, utility: str,
+                    mask_batch_size: int) -> tuple[np.ndarray, int, dict]:
+    from .surrogate import corrected_shapley, paper_pipeline
+
+    game = LayerGame(model, input_ids, utility=utility, mask_batch_size=mask_batch_size)
+    n = game.n_players
+    if method == "shapley_exact":
+        if n > MAX_EXACT_LAYERS:
+            raise ValueError(f"method='shapley_exact' evaluates 2**L masks; L must be <= {MAX_EXACT_LAYERS}, "
+                             f"got {n} (use 'shapley_surrogate' or 'shapley_surrogate_corrected')")
+        table = exact_values(game)
+        return exact_shapley(table), game.n_evals, {}
+    budget = budget or 8 * n * (n + 1)
+    if method == "shapley_surrogate":
+        sizes = list(keep_sizes) if keep_sizes is not None else paper_keep_sizes(n)
+        result = paper_pipeline(game, budget, sizes, rng=rng)
+        details = {"keep_sizes": sizes, "surrogate_held_out": result.surrogate.report["held_out"]["overall"]}
+        return result.estimate.values, game.n_evals, details
+    estimate = corrected_shapley(game, budget, rng=rng, keep_sizes=keep_sizes)
+    return estimate.values, game.n_evals, {"stderr": estimate.stderr.tolist()}
+
+
+def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove: int, rng=None,
+          budget: int | None = None, keep_sizes=None, utility: str = "ppl_ratio",
+          mask_batch_size: int = 8, inplace: bool = False) -> PruneResult:
+    """Choose ``n_remove`` layers by ``method`` on calibration ``input_ids`` and remove them (chapter 06).
+
+    ``method`` is a baseline (:data:`minilib.baselines.METHODS`) or ``"shapley_exact"`` (all 2**L
+    masks, L <= 16), ``"shapley_surrogate"`` (the paper: ``budget`` stratified masks, surrogate,
+    Hamming semivalue) or ``"shapley_surrogate_corrected"`` (surrogate Shapley + residual
+    correction); ``budget`` counts real masked evaluations (default 8·L·(L+1)). The model is
+    copied unless ``inplace=True``; the result's model survives ``save_pretrained`` /
+    ``from_pretrained``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    n = len(decoder_layers(model))
+    if isinstance(n_remove, bool) or not isinstance(n_remove, (int, np.integer)) or not 1 <= n_remove < n:
+        raise ValueError(f"n_remove must be an int in 1..{n - 1} (at least one layer must remain), got {n_remove!r}")
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    start = time.perf_counter()
+    details: dict = {}
+    if method in SHAPLEY_METHODS:
+        scores, n_evals, details = _shapley_scores(model, input_ids, method, gen, budget, keep_sizes,
+                                                   utility, mask_batch_size)
+        removed = np.argsort(scores, kind="stable")[: int(n_remove)].tolist()
+    elif method == "sleb":
+        game = LayerGame(model, input_ids, utility="neg_loss", mask_batch_size=mask_batch_size)
+        removed = baselines.sleb_order(game, int(n_remove))
+        scores = np.full(n, np.nan)
+        scores[removed] = np.arange(len(removed))
+        n_evals = game.n_evals
+    else:
+        scores = baselines.layer_scores(model, input_ids, method, rng=gen)
+        removed = np.argsort(scores, kind="stable")[: int(n_remove)].tolist()
+        n_evals = n + 1 if method == "loo_ppl" else 0
+    seconds = time.perf_counter() - start
+    pruned = prune_layers(model if inplace else copy.deepcopy(model), removed)
+    return PruneResult(method, [int(i) for i in removed], np.asarray(scores, dtype=float), pruned,
+                       int(n_evals), seconds, details)
