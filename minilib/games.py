@@ -69,7 +69,7 @@ def all_coalitions(n_players: int) -> np.ndarray:
 
 
 def coalition_index(coalitions: np.ndarray) -> np.ndarray:
-    """Bitmask index of each coalition (bit ``i`` = player ``i``), the inverse of :func:`all_coalitions`."""
+    """Bitmask index of each coalition (bit ``i`` = player ``i``), the inverse of :func:`all_coalitions` (chapter 01)."""
     weights = np.left_shift(np.int64(1), np.arange(coalitions.shape[1], dtype=np.int64))
     return coalitions.astype(np.int64) @ weights
 

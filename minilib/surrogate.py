@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .estimators import Estimate, _check_keep_sizes, _uniform_masks
+from .estimators import BudgetTooSmallError, Estimate, _check_budget, _check_keep_sizes, _uniform_masks
 from .games import CountingGame, all_coalitions
 from .shapley import exact_shapley, marginal_table
 
@@ -25,17 +25,31 @@ MAX_EXACT_SURROGATE_PLAYERS = 20
 _PREDICT_CHUNK = 1 << 18
 
 
+OUTPUTS = ("sigmoid", "linear", "exp")
+"""Output heads of :class:`SurrogateMLP`."""
+
+
+class _Exp(torch.nn.Module):
+    """exp(z), with z capped at 30 so that a bad step cannot overflow to inf."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.exp(z.clamp(max=30.0))
+
+
 class SurrogateMLP(torch.nn.Module):
     """The paper's surrogate by default: Linear(L, 2L) → CELU → Linear(2L, 1) → Sigmoid (chapter 05).
 
-    ``hidden`` (default 2L) and ``depth`` (hidden layers) widen or deepen it; ``output`` is
-    ``"sigmoid"`` for utilities in (0, 1) such as the paper's ``ppl_ratio``, or ``"linear"``.
+    ``hidden`` (default 2L) and ``depth`` (hidden layers) widen or deepen it. ``output`` is the
+    head: ``"sigmoid"`` (the paper's, for utilities in (0, 1)), ``"linear"``, or ``"exp"`` for
+    positive utilities that are products of per-layer factors, such as ``ppl_ratio`` =
+    exp(−Δloss): a sigmoid reaches 1 only as its input goes to infinity, so it cannot give the
+    full model its exact value 1 while masks one layer away score 0.75; exp(z) can, at z = 0.
     """
 
     def __init__(self, n_layers: int, hidden: int | None = None, depth: int = 1, output: str = "sigmoid"):
         super().__init__()
-        if output not in ("sigmoid", "linear"):
-            raise ValueError(f"output must be 'sigmoid' or 'linear', got {output!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         hidden = hidden or 2 * n_layers
@@ -48,6 +62,8 @@ class SurrogateMLP(torch.nn.Module):
         blocks.append(torch.nn.Linear(width, 1))
         if output == "sigmoid":
             blocks.append(torch.nn.Sigmoid())
+        elif output == "exp":
+            blocks.append(_Exp())
         self.net = torch.nn.Sequential(*blocks)
 
     def forward(self, masks: torch.Tensor) -> torch.Tensor:
@@ -81,17 +97,26 @@ def check_training_data(masks, values) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stratified_split(masks: np.ndarray, val_fraction: float, rng: np.random.Generator):
-    """Train/held-out indices with the same share of every Hamming weight in both (chapter 05)."""
+    """Train/held-out indices with the same share of every Hamming weight in both (chapter 05).
+
+    The split is by *distinct mask*: all copies of a mask go to the same side, so no held-out
+    mask was ever trained on, even when masks were drawn with replacement (the paper's strata
+    keeping 11 of 12 layers hold only 12 distinct masks). ``val_fraction`` of the distinct masks
+    of every weight are held out; a weight with a single distinct mask (∅, the full model) is
+    always trained on.
+    """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    weights = masks.sum(axis=1)
-    train, held = [], []
+    unique, inverse = np.unique(np.asarray(masks, dtype=bool), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    weights = unique.sum(axis=1)
+    held_out = np.zeros(len(unique), dtype=bool)
     for w in np.unique(weights):
-        idx = rng.permutation(np.flatnonzero(weights == w))
-        k = int(round(val_fraction * len(idx))) if len(idx) > 1 else 0
-        held.append(idx[:k])
-        train.append(idx[k:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+        ids = rng.permutation(np.flatnonzero(weights == w))
+        k = int(round(val_fraction * len(ids))) if len(ids) > 1 else 0
+        held_out[ids[:k]] = True
+    rows = held_out[inverse]
+    return np.flatnonzero(~rows), np.flatnonzero(rows)
 
 
 def accuracy_report(predicted, actual, masks) -> dict:
@@ -168,21 +193,40 @@ class Surrogate:
                    np.array(meta["held_out_index"], dtype=int), n_game_evals=meta["n_game_evals"])
 
 
+OPTIMIZERS = ("adam", "lbfgs")
+_LBFGS_ITERS, _LBFGS_HISTORY = 10, 20
+"""Optimizers of :func:`fit_surrogate`."""
+
+
 def fit_surrogate(masks, values, rng=None, hidden: int | None = None, depth: int = 1,
-                  output: str | None = None, val_fraction: float = 0.2, lr: float = 1e-2,
-                  batch_size: int = 256, max_epochs: int = 500, patience: int = 40,
-                  progress: bool = False) -> Surrogate:
+                  output: str | None = None, val_fraction: float = 0.2, optimizer: str = "adam",
+                  lr: float | None = None, batch_size: int = 256, max_epochs: int = 500,
+                  patience: int | None = None, progress: bool = False) -> Surrogate:
     """Fit a :class:`SurrogateMLP` with a stratified held-out split and early stopping (chapter 05).
 
-    The held-out masks (``val_fraction`` of every Hamming weight) are never trained on; the
-    weights with the lowest held-out MSE are kept, and ``.report`` gives held-out R², RMSE and
-    Spearman overall and per Hamming weight. ``output`` defaults to ``"sigmoid"`` when every
-    value lies in [0, 1], else ``"linear"``. Adam with mini-batches; seeded by ``rng``.
+    The held-out masks (``val_fraction`` of the distinct masks of every Hamming weight, see
+    :func:`stratified_split`) are never trained on; the weights with the lowest held-out MSE
+    are kept, and ``.report`` gives held-out R², RMSE and Spearman overall and per Hamming
+    weight. ``output`` defaults to ``"sigmoid"`` when every value lies in [0, 1], else
+    ``"linear"``. Seeded by ``rng``: the same seed gives the same network.
+
+    ``optimizer="adam"`` (default; ``lr`` 1e-2): mini-batches of ``batch_size``, one epoch per
+    pass over the training masks, stop after ``patience`` (default 40) epochs without a better
+    held-out MSE. ``optimizer="lbfgs"`` (``lr`` 1): full-batch L-BFGS with a strong-Wolfe line
+    search; an "epoch" is 10 L-BFGS iterations, ``patience`` defaults to 5. The network is tiny
+    and the data a few thousand masks at most, so L-BFGS converges in a fraction of the time
+    and to a much lower error than Adam, whose mini-batch noise sets a floor on the fit.
     """
     m, v = check_training_data(masks, values)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     if output is None:
         output = "sigmoid" if (v.min() >= 0 and v.max() <= 1) else "linear"
+    if output == "exp" and v.min() <= 0:
+        raise ValueError(f"output='exp' predicts positive values only; got values down to {v.min():.4g}")
+    lr = lr if lr is not None else (1e-2 if optimizer == "adam" else 1.0)
+    patience = patience if patience is not None else (40 if optimizer == "adam" else 5)
     train, held = stratified_split(m, val_fraction, gen)
     if len(held) == 0 or len(train) == 0:
         raise ValueError(f"need masks in both the training and held-out split; got {len(m)} masks")
@@ -190,18 +234,38 @@ def fit_surrogate(masks, values, rng=None, hidden: int | None = None, depth: int
     with torch.random.fork_rng():
         torch.manual_seed(int(gen.integers(2 ** 31)))
         model = SurrogateMLP(m.shape[1], hidden, depth, output)
-    x = torch.from_numpy(m.astype(np.float32))
-    y = torch.from_numpy(v.astype(np.float32))
+    if optimizer == "lbfgs":  # line searches probe large steps: float64 keeps them finite
+        model.double()
+    dtype = np.float64 if optimizer == "lbfgs" else np.float32
+    x = torch.from_numpy(m.astype(dtype))
+    y = torch.from_numpy(v.astype(dtype))
     xt, yt, xh, yh = x[train], y[train], x[held], y[held]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+        def epoch_step() -> None:
+            for idx in torch.randperm(len(xt), generator=torch_gen).split(batch_size):
+                loss = torch.nn.functional.mse_loss(model(xt[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    else:
+        opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=_LBFGS_ITERS, history_size=_LBFGS_HISTORY,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-14)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xt), yt)
+            loss.backward()
+            return loss
+
+        def epoch_step() -> None:
+            opt.step(closure)
+
     best, best_state, waited, history = float("inf"), None, 0, []
     for epoch in tqdm(range(max_epochs), desc="fitting surrogate", disable=not progress):
         model.train()
-        for idx in torch.randperm(len(xt), generator=torch_gen).split(batch_size):
-            loss = torch.nn.functional.mse_loss(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        epoch_step()
         model.eval()
         with torch.no_grad():
             held_mse = float(torch.nn.functional.mse_loss(model(xh), yh))
@@ -212,12 +276,15 @@ def fit_surrogate(masks, values, rng=None, hidden: int | None = None, depth: int
             waited += 1
             if waited >= patience:
                 break
+    if best_state is None:
+        raise RuntimeError("the surrogate's held-out error was never finite; try a smaller lr or another output")
     model.load_state_dict(best_state)
-    model.eval()
-    surrogate = Surrogate(model, {}, train, held, history, n_game_evals=len(m))
+    model.float().eval()
+    n_distinct = len(np.unique(m, axis=0))
+    surrogate = Surrogate(model, {}, train, held, history, n_game_evals=n_distinct)
     surrogate.report = {"held_out": accuracy_report(surrogate.predict(m[held]), v[held], m[held]),
                         "train": accuracy_report(surrogate.predict(m[train]), v[train], m[train])["overall"],
-                        "epochs": len(history)}
+                        "epochs": len(history), "optimizer": optimizer}
     return surrogate
 
 
@@ -337,7 +404,7 @@ def surrogate_semivalue_exact(surrogate: Surrogate, size_weights) -> np.ndarray:
 # --- the paper's pipeline and the corrected estimator ----------------------------------------
 
 def sample_stratified_masks(n: int, n_masks: int, keep_sizes, rng=None) -> np.ndarray:
-    """The paper's stage 1 masks: equally many uniform masks keeping k layers, k in ``keep_sizes``."""
+    """The paper's stage 1 masks: equally many uniform masks keeping k layers, k in ``keep_sizes`` (chapter 05)."""
     sizes = _check_keep_sizes(keep_sizes, n)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     per = n_masks // len(sizes)
@@ -387,6 +454,58 @@ def paper_pipeline(game, n_masks: int, keep_sizes, rng=None, mc_samples: int = 8
     return PipelineResult(masks, values, surrogate, estimate, ranking, counting.n_evals)
 
 
+def _improved_fit(values, fit_kwargs: dict) -> dict:
+    """Fit settings of the budgeted estimators: L-BFGS, exp head for positive utilities, unless overridden."""
+    v = np.asarray(values, dtype=float)
+    defaults = {"optimizer": "lbfgs", "output": "exp" if len(v) and v.min() > 0 else "linear"}
+    return {**defaults, **fit_kwargs}
+
+
+def _fill_stratified(counting: CountingGame, budget: int, sizes, gen: np.random.Generator) -> np.ndarray:
+    """Spend what is left of ``budget`` on stratified masks; return the distinct masks drawn.
+
+    Repeats are free (the counting game caches them), so masks are drawn in rounds, each
+    asking for as many as the budget has left, until a round adds nothing new.
+    """
+    n = counting.n_players
+    blocks, spent = [np.zeros((0, n), bool)], -1
+    while (rest := budget - counting.n_evals) >= len(sizes) and counting.n_evals > spent:
+        spent = counting.n_evals
+        new = np.unique(sample_stratified_masks(n, rest, sizes, gen), axis=0)
+        new = new[gen.permutation(len(new))[:rest]]  # at most `rest` new evaluations: never over budget
+        counting(new)
+        blocks.append(new)
+    return np.unique(np.concatenate(blocks), axis=0)
+
+
+def surrogate_estimate(game, budget: int, rng=None, keep_sizes=None, n_samples: int | None = None,
+                       **fit_kwargs) -> Estimate:
+    """Shapley values through a surrogate fitted on ``budget`` real evaluations, uncorrected (chapter 05).
+
+    Spends the budget on ∅, the full coalition and distinct masks stratified by Hamming weight
+    (``keep_sizes``, default every size 1..n−1, equally many per size), fits a surrogate on
+    them, and returns the exact Shapley values of the surrogate (L <= 20; antithetic
+    permutations through the net with ``n_samples`` otherwise). Its error is the surrogate's
+    bias and does not shrink to zero with more network queries; :func:`corrected_shapley`
+    removes it. Fit settings default to full-batch L-BFGS and, for positive values, the ``exp``
+    head (see :class:`SurrogateMLP`); ``fit_kwargs`` override them. ``stderr`` is NaN: the
+    error is a bias, which the method cannot estimate.
+    """
+    counting = CountingGame(game)
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    n = game.n_players
+    sizes = _check_keep_sizes(keep_sizes if keep_sizes is not None else list(range(1, n)), n)
+    budget = _check_budget(budget, 2 + 2 * len(sizes), f"surrogate_estimate with {len(sizes)} strata "
+                           "(the empty and full coalitions plus two masks per stratum)")
+    ends = np.array([np.zeros(n, bool), np.ones(n, bool)])
+    counting(ends)
+    masks = np.unique(np.concatenate([ends, _fill_stratified(counting, budget, sizes, gen)]), axis=0)
+    values = counting(masks)
+    surrogate = fit_surrogate(masks, values, rng=gen, **_improved_fit(values, fit_kwargs))
+    est = surrogate_shapley(surrogate, n_samples=n_samples, rng=gen)
+    return Estimate(est.values, np.full(n, np.nan), counting.n_evals, "surrogate (uncorrected)")
+
+
 def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fraction: float = 0.5,
                       n_samples: int | None = None, **fit_kwargs) -> Estimate:
     """Surrogate Shapley plus an unbiased Monte Carlo correction of its error (chapter 05).
@@ -394,11 +513,15 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     Shapley values are linear in the game, so φ(v) = φ(f) + φ(v − f) for any surrogate f.
     φ(f) is computed through the network (exactly for L <= 20); φ(v − f) is estimated from
     antithetic permutation chains evaluated on the real game, where the residual v − f is known.
-    The chains (``chain_fraction`` of the budget; the rest are stratified masks as in the paper)
-    also train the surrogate, but with two-fold cross-fitting: the surrogate that corrects a
-    chain never saw it, so surrogate error cannot bias the estimate, whatever its size.
+    The chains (``chain_fraction`` of the budget; the rest are distinct masks stratified by
+    Hamming weight, ``keep_sizes`` defaulting to every size 1..n−1) also train the surrogate,
+    but with two-fold cross-fitting: the surrogate that corrects a chain never saw it, so
+    surrogate error cannot bias the estimate, whatever its size; a good surrogate only makes
+    the correction's variance small. Fit settings default to full-batch L-BFGS and, for
+    positive values, the ``exp`` head (see :class:`SurrogateMLP`); ``fit_kwargs`` override them.
     ``stderr`` is the correction's standard error (the surrogate part is exact or has its own
-    negligible Monte Carlo error).
+    negligible Monte Carlo error). A budget too small for 4 antithetic chains raises
+    :class:`~minilib.estimators.BudgetTooSmallError`.
     """
     counting = CountingGame(game)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -406,24 +529,21 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     if not 0 < chain_fraction < 1:
         raise ValueError(f"chain_fraction must be in (0, 1), got {chain_fraction}")
     cost = 2 * (n - 1)
+    minimum = int(np.ceil(4 * cost / chain_fraction))
+    while int(chain_fraction * minimum) // cost < 4:
+        minimum += 1
+    budget = _check_budget(budget, minimum, f"corrected_shapley(chain_fraction={chain_fraction}) with n={n} "
+                           "(4 antithetic chains)")
     pairs = int(chain_fraction * budget) // cost
-    if pairs < 4:
-        raise ValueError(f"budget={budget} is too small: corrected_shapley needs at least "
-                         f"{int(np.ceil((4 * cost + 2) / chain_fraction))} evaluations (4 antithetic chains)")
     orders = np.argsort(gen.random((pairs, n)), axis=1)
     orders = np.concatenate([orders, orders[:, ::-1]])
     ranks = np.argsort(orders, axis=1)
     prefixes = ranks[:, None, :] < np.arange(n + 1)[None, :, None]           # (2p, n+1, n)
     chain_values = counting(prefixes.reshape(-1, n)).reshape(2 * pairs, n + 1)
-    sizes = keep_sizes if keep_sizes is not None else list(range(1, n))
-    # fill the rest of the budget with stratified masks; repeats are free (cached), so draw again
-    blocks, spent = [np.zeros((0, n), bool)], -1
-    while (rest := budget - counting.n_evals) >= len(sizes) and counting.n_evals > spent:
-        spent = counting.n_evals
-        blocks.append(sample_stratified_masks(n, rest, sizes, gen)[:rest])
-        counting(blocks[-1])
-    strata = np.unique(np.concatenate(blocks), axis=0)
+    sizes = _check_keep_sizes(keep_sizes if keep_sizes is not None else list(range(1, n)), n)
+    strata = _fill_stratified(counting, budget, sizes, gen)
     strata_values = counting(strata) if len(strata) else np.zeros(0)
+    fit_kwargs = _improved_fit(chain_values, fit_kwargs)
     fold = np.arange(pairs) % 2
     corrections, phis = [], []
     for k in (0, 1):

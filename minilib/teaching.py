@@ -120,7 +120,7 @@ def corpus_hash(docs: Iterable[Document]) -> str:
 
 
 def save_corpus(docs: Sequence[Document], path: str | Path) -> None:
-    """Write documents as gzipped JSON lines with a fixed mtime, so the file is byte-stable."""
+    """Write documents as gzipped JSON lines with a fixed mtime, so the file is byte-stable (chapter 00)."""
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         for doc in docs:
             gz.write((json.dumps({"key": doc.key, "text": doc.text}, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -137,7 +137,7 @@ def teaching_model_path() -> Path:
 
 
 def load_corpus(split: str | None = None) -> list[Document]:
-    """The shipped corpus snapshot the teaching model was trained on, optionally one split."""
+    """The shipped corpus snapshot the teaching model was trained on, optionally one split (chapter 00)."""
     docs = _read_corpus(teaching_model_path() / "corpus.jsonl.gz")
     if split is None:
         return docs
@@ -340,7 +340,7 @@ def load_teaching_model(device: str | torch.device | None = None, dtype: torch.d
 
 
 def environment_versions() -> dict:
-    """Versions of Python and the libraries that shape results, for manifests."""
+    """Versions of Python and the libraries that shape results, for manifests (chapter 00)."""
     import numpy
     import tokenizers
     import transformers
@@ -349,9 +349,6 @@ def environment_versions() -> dict:
             "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
             "numpy": numpy.__version__}
 
-
-def spec_dict(spec: TeachingSpec) -> dict:
-    return asdict(spec)
 
 
 EXACT_CALIBRATION = {"n_seqs": 8, "seq_len": 128, "split": "calibration"}

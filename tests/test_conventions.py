@@ -1,0 +1,77 @@
+"""House conventions (design.md §2–4) checked on every run: chapters, docstrings, links."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+MODULES = ["games", "shapley", "estimators", "surrogate", "layers", "evaluation", "baselines", "pruning", "teaching"]
+
+
+def _cells(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["cells"]
+
+
+def _text(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_follows_the_skeleton(path):
+    cells = _cells(path)
+    markdown = "\n".join(_text(c) for c in cells if c["cell_type"] == "markdown")
+    assert _text(cells[0]).lstrip().startswith("# "), "a chapter opens with its title"
+    assert f"blob/main/notebooks/{path.name}" in markdown, "Colab badge pointing at the chapter itself"
+    for heading in ("Learning goals", "Summary", "Exercises", "Further reading"):
+        assert re.search(rf"^(#+ |\*\*).*{heading}", markdown, flags=re.M | re.I), f"missing section {heading!r}"
+    assert ":class: dropdown" in markdown, "exercises come with hidden solutions"
+    assert any(c["cell_type"] == "code" and "assert " in _text(c) for c in cells), "key claims are asserted"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_cells_are_short_and_clean(path):
+    code = [c for c in _cells(path) if c["cell_type"] == "code"]
+    lengths = sorted(sum(1 for line in _text(c).splitlines() if line.strip()) for c in code)
+    assert lengths[len(lengths) // 2] <= 6, f"median code cell has {lengths[len(lengths) // 2]} lines"
+    assert lengths[-1] <= 20, f"longest code cell has {lengths[-1]} lines"
+    errors = [i for i, c in enumerate(code) for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"stored error outputs in code cells {errors}"
+    assert all(c.get("outputs") for c in code if "NBVAL_CHECK_OUTPUT" in _text(c)), "checked cells keep outputs"
+
+
+def test_toc_lists_every_chapter():
+    toc = (ROOT / "_toc.yml").read_text()
+    for path in NOTEBOOKS:
+        assert f"notebooks/{path.stem}" in toc, f"{path.name} is not in _toc.yml"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_public_functions_name_their_chapter(module):
+    mod = importlib.import_module(f"minilib.{module}")
+    missing = [name for name, obj in vars(mod).items()
+               if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
+               and obj.__module__ == mod.__name__
+               and not re.search(r"[Cc]hapter \d\d", inspect.getdoc(obj) or "")]
+    assert not missing, f"minilib.{module}: docstrings without '(chapter NN)': {missing}"
+
+
+def test_repository_url_is_in_sync():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_repository_url.py"), "--check"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_notebook_imports_a_notebook_and_no_module_is_named_after_a_chapter():
+    for path in (ROOT / "minilib").glob("*.py"):
+        assert not re.match(r"(ch|chapter)?_?\d", path.stem), path.name
+    for path in NOTEBOOKS:
+        assert "import notebooks" not in path.read_text()
