@@ -23,8 +23,9 @@ printed). Within a stratum masks are distinct and uniform among the subsets of t
 cache can never help (c); a stratum with fewer possible subsets than requested (keep 11 of 12:
 12 subsets) contributes all of them. Calibration: ``--n-seqs`` windows of ``--seq-len`` tokens
 (the paper uses 10 x 128). One timed run per method after one untimed warm-up forward; the
-thread count is left as torch sets it, so on a busy machine repeat the run before trusting a
-ratio.
+thread count is left as torch sets it (set OMP_NUM_THREADS to change it). Wall-clock rates and
+ratios are printed, and CPU-time ratios next to them: on a machine shared with other jobs, wall
+time is noisy and CPU-time ratios with OMP_NUM_THREADS=1 are the steadier comparison.
 
 Usage: python benchmarks/masked_eval.py [--masks-per-stratum 40] [--n-seqs 10] [--seq-len 128]
 """
@@ -88,11 +89,12 @@ def run_skip(model, ids, masks) -> np.ndarray:
 
 
 def timed(fn, device):
+    """Run ``fn``; return its result, wall seconds and this process's CPU seconds."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn()
     sync(device)
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> None:
@@ -123,10 +125,10 @@ def main() -> None:
     print(f"total: {len(masks)} masks, mean layers kept {masks.sum(1).mean():.2f} of {n_layers}")
 
     mean_loss(model, ids)  # untimed warm-up forward
-    loss_a, t_a = timed(lambda: run_zero_restore(model, ids, masks), device)
-    loss_b, t_b = timed(lambda: run_skip(model, ids, masks), device)
+    loss_a, t_a, cpu_a = timed(lambda: run_zero_restore(model, ids, masks), device)
+    loss_b, t_b, cpu_b = timed(lambda: run_skip(model, ids, masks), device)
     game = ml.evaluation.LayerGame(model, ids, utility="neg_loss", mask_batch_size=args.mask_batch_size)
-    loss_c, t_c = timed(lambda: game.losses(masks), device)
+    loss_c, t_c, cpu_c = timed(lambda: game.losses(masks), device)
     assert game.n_evals == 1 + len(masks), "the batched game must evaluate every mask (no cache hits)"
 
     diff_b, diff_c = np.abs(loss_b - loss_a).max(), np.abs(loss_c - loss_a).max()
@@ -134,10 +136,11 @@ def main() -> None:
     assert diff_b <= 1e-5 and diff_c <= 1e-5, "the three methods disagree"
 
     rate_a, rate_b, rate_c = (len(masks) / t for t in (t_a, t_b, t_c))
-    print(f"(a) zero-and-restore, one mask per forward : {rate_a:7.2f} masks/s ({t_a:.1f} s)")
-    print(f"(b) skip, one mask per forward              : {rate_b:7.2f} masks/s ({t_b:.1f} s)")
-    print(f"(c) skip, batched ({args.mask_batch_size} masks per forward)     : {rate_c:7.2f} masks/s ({t_c:.1f} s)")
-    print(f"speed-up (b)/(a): {rate_b / rate_a:.2f}x   (c)/(a): {rate_c / rate_a:.2f}x")
+    print(f"(a) zero-and-restore, one mask per forward : {rate_a:7.2f} masks/s ({t_a:.1f} s wall, {cpu_a:.1f} s CPU)")
+    print(f"(b) skip, one mask per forward              : {rate_b:7.2f} masks/s ({t_b:.1f} s wall, {cpu_b:.1f} s CPU)")
+    print(f"(c) skip, batched ({args.mask_batch_size} masks per forward)     : {rate_c:7.2f} masks/s ({t_c:.1f} s wall, {cpu_c:.1f} s CPU)")
+    print(f"speed-up (b)/(a): {rate_b / rate_a:.2f}x   (c)/(a): {rate_c / rate_a:.2f}x   "
+          f"(in CPU time: {cpu_a / cpu_b:.2f}x, {cpu_a / cpu_c:.2f}x)")
 
 
 if __name__ == "__main__":
