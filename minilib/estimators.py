@@ -39,13 +39,26 @@ class Estimate:
         return f"Estimate(method={self.method!r}, n_evals={self.n_evals}, values={np.round(self.values, 4)})"
 
 
+class BudgetTooSmallError(ValueError):
+    """A positive budget below the fewest evaluations an estimator can work with (chapter 04).
+
+    A ``ValueError``; ``minimum`` holds that fewest number, which the message also states.
+    :func:`budget_sweep` catches it to skip budgets an estimator cannot run at.
+    """
+
+    def __init__(self, message: str, minimum: int):
+        super().__init__(message)
+        self.minimum = int(minimum)
+
+
 def _check_budget(budget, minimum: int, what: str) -> int:
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
         raise TypeError(f"budget must be an int (game evaluations), got {type(budget).__name__}")
     if budget <= 0:
         raise ValueError(f"budget must be positive, got {budget}")
     if budget < minimum:
-        raise ValueError(f"budget={budget} is too small: {what} needs at least {minimum} game evaluations")
+        raise BudgetTooSmallError(f"budget={budget} is too small: {what} needs at least {minimum} "
+                                  f"game evaluations", minimum)
     return int(budget)
 
 
@@ -225,6 +238,30 @@ def stratified_shapley(game, budget: int, rng=None, allocation: str = "neyman",
                     np.array([counting.n_evals]), values[None, :])
 
 
+def strata_moments(game) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean and standard deviation of every stratum of :func:`stratified_shapley` (chapter 04).
+
+    Entry ``[i, s]`` is over the coalitions S ⊆ N∖{i} of size s, each equally likely, of the
+    marginal v(S ∪ i) − v(S); needs the full value table (e.g. a
+    :class:`~minilib.games.TabularGame`). ``mean.mean(axis=1)`` is the Shapley value; ``std``
+    says how many samples each stratum deserves (Neyman allocation) and what proportional
+    allocation costs.
+    """
+    from .shapley import _sizes, _split, value_table
+
+    table = value_table(game)
+    n = table.size.bit_length() - 1
+    sizes = _split(_sizes(n), 0)[0]  # sizes of the coalitions without player i, in _split's order
+    counts = np.bincount(sizes, minlength=n)
+    mean, std = np.zeros((n, n)), np.zeros((n, n))
+    for i in range(n):
+        without, with_i = _split(table, i)
+        d = with_i - without
+        mean[i] = np.bincount(sizes, d, minlength=n) / counts
+        std[i] = np.sqrt(np.maximum(np.bincount(sizes, d * d, minlength=n) / counts - mean[i] ** 2, 0.0))
+    return mean, std
+
+
 # --- the paper's Hamming-weight semivalue ----------------------------------------------------
 
 def _check_keep_sizes(keep_sizes, n: int) -> np.ndarray:
@@ -338,6 +375,36 @@ def kernel_shap(game, budget: int, rng=None) -> Estimate:
                     np.array([counting.n_evals]), values[None, :])
 
 
+def shap_permutation(game, budget: int, rng=None) -> Estimate:
+    """shap's own ``PermutationExplainer`` with ``max_evals=budget``, for comparison (chapter 04).
+
+    Set up as :func:`kernel_shap`: the all-ones point explained against one all-zeros
+    background row. shap's budget counts *model calls*, not distinct coalitions: each of its
+    antithetic permutation pairs walks ∅ → N → ∅ in ``2n + 1`` calls and nothing is reused
+    between pairs, so it needs ``budget >= 2n + 1`` and usually sends fewer distinct coalitions
+    to the game than ``budget``. ``n_evals`` counts those distinct coalitions, the real cost for a
+    caching game such as :class:`~minilib.evaluation.LayerGame`. shap reports no standard
+    error here: ``stderr`` is NaN.
+    """
+    import shap
+
+    counting, gen = _counting(game), _rng(rng)
+    n = counting.n_players
+    budget = _check_budget(budget, 2 * n + 1, f"shap's PermutationExplainer with n={n} (one permutation pair)")
+
+    def f(x: np.ndarray) -> np.ndarray:
+        return _evaluate(counting, np.asarray(x) > 0.5)
+
+    state = np.random.get_state()  # shap shuffles with numpy's global generator: seed it from rng
+    try:
+        explainer = shap.PermutationExplainer(f, np.zeros((1, n)), seed=int(gen.integers(2 ** 31)))
+        values = np.asarray(explainer(np.ones((1, n)), max_evals=budget, silent=True).values).reshape(-1)[:n]
+    finally:
+        np.random.set_state(state)
+    return Estimate(values, np.full(n, np.nan), counting.n_evals, "permutation (shap)",
+                    np.array([counting.n_evals]), values[None, :])
+
+
 # --- accuracy metrics --------------------------------------------------------------------------
 
 def relative_squared_error(estimate, exact) -> float:
@@ -376,3 +443,84 @@ def bottom_k(values, k: int) -> set[int]:
 def bottom_k_precision(estimate, exact, k: int) -> float:
     """Fraction of the exact bottom-k that the estimate's bottom-k recovers (chapter 04)."""
     return len(bottom_k(estimate, k) & bottom_k(exact, k)) / k
+
+
+# --- error against budget ----------------------------------------------------------------------
+
+def budget_sweep(game, estimators: dict, budgets, seeds, exact, k: int = 3):
+    """Run every estimator at every budget for every seed and score it against ``exact`` (chapter 04).
+
+    ``estimators`` maps a name to ``f(game, budget, rng) -> Estimate``; each run gets
+    ``rng = np.random.default_rng(seed)``. A budget below an estimator's minimum
+    (:class:`BudgetTooSmallError`) is skipped for that estimator. Returns a ``pandas.DataFrame``
+    with one row per run: ``estimator, budget, seed, n_evals`` (evaluations actually spent),
+    ``rse`` (:func:`relative_squared_error`), ``precision`` (:func:`bottom_k_precision` with
+    ``k``) and ``spearman``.
+    """
+    import pandas as pd
+
+    exact = np.asarray(exact, dtype=float)
+    rows = []
+    for name, estimate in estimators.items():
+        for budget in budgets:
+            for seed in seeds:
+                try:
+                    est = estimate(game, int(budget), np.random.default_rng(seed))
+                except BudgetTooSmallError:
+                    break
+                rows.append({"estimator": name, "budget": int(budget), "seed": seed, "n_evals": est.n_evals,
+                             "rse": relative_squared_error(est.values, exact),
+                             "precision": bottom_k_precision(est.values, exact, k),
+                             "spearman": spearman(est.values, exact)})
+    return pd.DataFrame(rows, columns=["estimator", "budget", "seed", "n_evals", "rse", "precision", "spearman"])
+
+
+def budget_needed(sweep, metric: str = "precision", target: float = 1.0, share: float = 0.9,
+                  lower_is_better: bool = False):
+    """Per estimator, the smallest budget of the grid from which on ``share`` of the seeds reach ``target`` (chapter 04).
+
+    ``sweep`` is a :func:`budget_sweep` table. A run reaches the target when its ``metric`` is
+    ``>= target`` (``<= target`` with ``lower_is_better``). The budget returned is the smallest
+    one at which the criterion holds *and keeps holding at every larger budget of the grid*, so
+    a lucky small budget does not count. Returns a ``pandas.DataFrame`` indexed by estimator
+    with ``budget`` and the median ``n_evals`` spent there; both are NaN when no budget qualifies.
+    """
+    import pandas as pd
+
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    hit = sweep[metric] <= target if lower_is_better else sweep[metric] >= target
+    rows = {}
+    for name, runs in sweep.assign(hit=hit).groupby("estimator", sort=False):
+        by_budget = runs.groupby("budget").agg(ok=("hit", "mean"), n_evals=("n_evals", "median"))
+        ok = (by_budget["ok"] >= share).to_numpy()
+        tail_ok = np.logical_and.accumulate(ok[::-1])[::-1]  # holds here and at every larger budget
+        first = np.flatnonzero(tail_ok)
+        rows[name] = (by_budget.index[first[0]], by_budget["n_evals"].iloc[first[0]]) if first.size \
+            else (np.nan, np.nan)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["budget", "n_evals"])
+
+
+def budget_for_error(budgets, errors, target: float) -> float:
+    """The budget at which an error curve first falls to ``target``, interpolated linearly in log-log (chapter 04).
+
+    ``budgets`` non-decreasing (e.g. the evaluations spent at each budget of a grid; equal
+    neighbours are fine) and ``errors`` positive (e.g. the median relative squared error at
+    each budget). Returns ``budgets[0]`` if the first error is already at or below ``target``
+    and NaN if no error on the grid reaches it.
+    """
+    b = np.asarray(budgets, dtype=float)
+    x, y = np.log(b), np.log(np.asarray(errors, dtype=float))
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError("budgets and errors must be 1-D arrays of the same length")
+    if np.any(np.diff(x) < 0):
+        raise ValueError("budgets must be non-decreasing")
+    t = np.log(target)
+    below = np.flatnonzero(y <= t)
+    if below.size == 0:
+        return float("nan")
+    j = below[0]
+    if j == 0:
+        return float(b[0])
+    frac = (y[j - 1] - t) / (y[j - 1] - y[j])
+    return float(np.exp(x[j - 1] + frac * (x[j] - x[j - 1])))
