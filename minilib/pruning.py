@@ -97,6 +97,9 @@ def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove
     n = len(decoder_layers(model))
     if isinstance(n_remove, bool) or not isinstance(n_remove, (int, np.integer)) or not 1 <= n_remove < n:
         raise ValueError(f"n_remove must be an int in 1..{n - 1} (at least one layer must remain), got {n_remove!r}")
+    if method == "shapley_exact" and n > MAX_EXACT_LAYERS:  # refuse before any evaluation
+        raise ValueError(f"method='shapley_exact' evaluates 2**L masks; L must be <= {MAX_EXACT_LAYERS}, "
+                         f"got {n} (use 'shapley_surrogate' or 'shapley_surrogate_corrected')")
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     start = time.perf_counter()
     details: dict = {}
@@ -118,3 +121,25 @@ def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove
     pruned = prune_layers(model if inplace else copy.deepcopy(model), removed)
     return PruneResult(method, [int(i) for i in removed], np.asarray(scores, dtype=float), pruned,
                        int(n_evals), seconds, details)
+
+
+def best_keep_sets(table) -> dict[int, tuple[int, ...]]:
+    """The exhaustive optimum: the best keep-set of every size in an exact value table (chapter 06).
+
+    ``table`` is a :class:`~minilib.games.TabularGame` (``values[k]`` = v(bitmask ``k``), bit
+    ``i`` = layer ``i``), e.g. ``ml.teaching.exact_table("ppl_ratio")``. Returns
+    ``{k: kept layers}`` for ``k = 0 .. L``: the coalition of ``k`` layers with the highest value
+    (the lowest calibration perplexity for ``ppl_ratio`` or ``neg_loss``). Vectorised over all
+    ``2**L`` bitmasks grouped by popcount; ties go to the smallest bitmask. No pruning rule that
+    keeps ``k`` layers can beat it on the table's calibration data.
+    """
+    values = np.asarray(table.values, dtype=float)
+    n = int(table.n_players)
+    index = np.arange(values.size, dtype=np.int64)
+    popcount = ((index[:, None] >> np.arange(n)) & 1).sum(axis=1)
+    best: dict[int, tuple[int, ...]] = {}
+    for k in range(n + 1):
+        candidates = np.flatnonzero(popcount == k)
+        mask = int(candidates[int(np.argmax(values[candidates]))])
+        best[k] = tuple(i for i in range(n) if mask >> i & 1)
+    return best

@@ -1,0 +1,211 @@
+"""minilib.baselines: every layer-ranking heuristic on a model or game whose right answer is known.
+
+The planted answer: a copy of the teaching model whose layer ``IDENTITY`` has zero ``o_proj`` and
+``down_proj`` weights. A pre-norm block then adds exactly 0 to the residual stream, so the layer
+is the identity: its Block Influence, leave-one-out loss increase and Taylor importance are 0,
+and every criterion that looks at the model must remove it first.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import minilib as ml
+from conftest import assert_same_state, snapshot
+
+IDENTITY = 5
+
+
+@pytest.fixture(scope="module")
+def small_ids(tokenizer) -> torch.Tensor:
+    """``(2, 32)`` calibration tokens: enough to rank layers, cheap on two cores."""
+    return ml.teaching.calibration_ids(tokenizer, 2, 32)
+
+
+@pytest.fixture(scope="module")
+def planted(model) -> torch.nn.Module:
+    """The teaching model with layer ``IDENTITY`` turned into an exact identity map."""
+    m = copy.deepcopy(model)
+    layer = ml.layers.decoder_layers(m)[IDENTITY]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def six_layer(model) -> torch.nn.Module:
+    """The teaching model cut to its first 6 layers: a small model for brute-force checks."""
+    return ml.layers.prune_layers(copy.deepcopy(model), list(range(6, 12))).eval()
+
+
+def test_identity_layer_is_really_the_identity(planted, small_ids):
+    full = np.ones(12, dtype=bool)
+    skip = full.copy()
+    skip[IDENTITY] = False
+    game = ml.evaluation.LayerGame(planted, small_ids, utility="neg_loss")
+    assert abs(game.losses(skip)[0] - game.base_loss) < 1e-6
+
+
+# ---------------------------------------------------------------- Block Influence
+
+@pytest.mark.parametrize("angular", [False, True])
+def test_block_influence_of_identity_layer_is_zero(planted, small_ids, angular):
+    scores = ml.baselines.block_influence(planted, small_ids, angular=angular)
+    assert scores.shape == (12,)
+    assert abs(scores[IDENTITY]) < (2e-3 if angular else 1e-5)  # arccos is steep near cos = 1
+    others = np.delete(scores, IDENTITY)
+    assert (others > 10 * abs(scores[IDENTITY])).all()
+
+
+@pytest.mark.parametrize("method", ["block_influence", "block_influence_angular", "loo_ppl", "sleb"])
+def test_identity_layer_is_removed_first(planted, small_ids, method):
+    assert ml.baselines.select_layers(planted, small_ids, method, 1) == [IDENTITY]
+    assert ml.baselines.rank_layers(planted, small_ids, method)[0] == IDENTITY
+
+
+def test_block_influence_is_one_minus_cosine(model, small_ids):
+    """Recompute ShortGPT's score from hidden states returned by the model itself."""
+    with torch.no_grad():
+        hs = model(input_ids=small_ids, output_hidden_states=True, use_cache=False).hidden_states
+    # hidden_states[i] is layer i's input; the last entry is after the final norm, so use layers 0..L-2
+    expected = [float((1 - torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)).double().mean())
+                for i in range(11)]
+    got = ml.baselines.block_influence(model, small_ids)
+    np.testing.assert_allclose(got[:11], expected, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- leave-one-out
+
+def test_leave_one_out_of_identity_layer_is_zero(planted, small_ids):
+    loo = ml.baselines.leave_one_out(ml.evaluation.LayerGame(planted, small_ids, utility="neg_loss"))
+    assert abs(loo[IDENTITY]) < 1e-6
+    assert loo.argmax() == 0  # layer 0 stays essential
+
+
+def test_loo_ppl_scores_are_leave_one_out(model, small_ids):
+    scores = ml.baselines.layer_scores(model, small_ids, "loo_ppl")
+    game = ml.evaluation.LayerGame(model, small_ids, utility="neg_loss")
+    expected = [game.losses(~np.eye(12, dtype=bool)[i])[0] - game.base_loss for i in range(12)]
+    np.testing.assert_allclose(scores, expected, atol=1e-9)
+
+
+# ---------------------------------------------------------------- SLEB
+
+def brute_force_greedy(model, ids, n_remove):
+    """SLEB re-implemented without LayerGame: keep_only + token_nll, one mask at a time."""
+    n = len(ml.layers.decoder_layers(model))
+    keep, order = np.ones(n, dtype=bool), []
+    for _ in range(n_remove):
+        losses = {}
+        for i in np.flatnonzero(keep):
+            trial = keep.copy()
+            trial[i] = False
+            with ml.layers.keep_only(model, trial):
+                losses[int(i)] = float(ml.evaluation.token_nll(model, ids).double().mean())
+        best = min(losses, key=losses.get)
+        keep[best] = False
+        order.append(best)
+    return order
+
+
+def test_sleb_equals_brute_force_greedy(six_layer, small_ids):
+    order = ml.baselines.sleb_order(ml.evaluation.LayerGame(six_layer, small_ids, utility="neg_loss"), 5)
+    assert order == brute_force_greedy(six_layer, small_ids, 5)
+    assert ml.baselines.select_layers(six_layer, small_ids, "sleb", 3) == order[:3]
+    assert ml.baselines.rank_layers(six_layer, small_ids, "sleb")[:5] == order
+
+
+class _TableLosses:
+    """A LayerGame stand-in whose losses come from a value table (neg_loss utility)."""
+
+    def __init__(self, table):
+        self.table, self.n_players, self.n_calls = table, table.n_players, 0
+
+    def losses(self, masks):
+        self.n_calls += 1
+        return -self.table(masks)
+
+
+def test_sleb_on_a_game_follows_the_greedy_path():
+    """On an additive game with known costs, greedy removes the cheapest layer each round."""
+    costs = np.array([5.0, 0.3, 0.1, 2.0, 0.2])
+    coalitions = ml.games.all_coalitions(5)
+    table = ml.games.TabularGame(-(~coalitions * costs).sum(axis=1))
+    game = _TableLosses(table)
+    assert ml.baselines.sleb_order(game, 4) == [2, 4, 1, 3]
+    assert game.n_calls == 4  # one batched call per round
+
+
+def test_sleb_rescoring_differs_from_one_shot_when_layers_interact():
+    """Layers 1 and 2 are redundant copies: one alone is cheap, both together are expensive."""
+    coalitions = ml.games.all_coalitions(4)
+    cost = np.where(~coalitions[:, 1] & ~coalitions[:, 2], 3.0, 0.0) + (~coalitions * [9, 0.0, 0.0, 1.0]).sum(1)
+    game = _TableLosses(ml.games.TabularGame(-cost))
+    assert ml.baselines.sleb_order(game, 2) == [1, 3]  # after removing 1, layer 2 becomes essential
+
+
+# ---------------------------------------------------------------- tail and random
+
+def test_tail_removes_last_layers(model, small_ids):
+    assert ml.baselines.rank_layers(model, small_ids, "tail") == list(range(11, -1, -1))
+    assert ml.baselines.select_layers(model, small_ids, "tail", 3) == [11, 10, 9]
+
+
+def test_random_is_seeded(model, small_ids):
+    a = ml.baselines.rank_layers(model, small_ids, "random", rng=7)
+    b = ml.baselines.rank_layers(model, small_ids, "random", rng=np.random.default_rng(7))
+    c = ml.baselines.rank_layers(model, small_ids, "random", rng=8)
+    assert a == b and sorted(a) == list(range(12)) and a != c
+    assert ml.baselines.select_layers(model, small_ids, "random", 4, rng=7) == a[:4]
+
+
+# ---------------------------------------------------------------- Taylor+
+
+def test_protected_layers():
+    assert ml.baselines.protected_layers(32) == {0, 1, 2, 3, 30, 31}  # Kim et al.'s rule for LLaMA-7B
+    assert ml.baselines.protected_layers(12) == {0, 1, 11}
+    assert ml.baselines.protected_layers(3) == {0, 2}
+
+
+def test_taylor_importance_of_identity_layer_is_zero(planted, small_ids):
+    before = snapshot(planted)
+    scores = ml.baselines.taylor_importance(planted, small_ids)
+    assert scores[IDENTITY] == 0.0
+    assert (np.delete(scores, IDENTITY) > 0).all()
+    assert all(p.grad is None for p in planted.parameters())  # gradients cleaned up
+    assert_same_state(planted, before)
+
+
+def test_taylor_plus_never_ranks_protected_layers_first(planted, small_ids):
+    protected = ml.baselines.protected_layers(12)
+    order = ml.baselines.rank_layers(planted, small_ids, "taylor_plus")
+    n_free = 12 - len(protected)
+    assert not set(order[:n_free]) & protected
+    assert set(order[n_free:]) == protected
+    assert order[0] == IDENTITY
+
+
+# ---------------------------------------------------------------- argument checks
+
+@pytest.mark.parametrize("n_remove", [0, -1, 12, 13, True, 2.0])
+def test_select_layers_rejects_bad_n_remove(model, small_ids, n_remove):
+    with pytest.raises(ValueError, match="n_remove"):
+        ml.baselines.select_layers(model, small_ids, "tail", n_remove)
+
+
+@pytest.mark.parametrize("fn", ["select_layers", "rank_layers", "layer_scores"])
+def test_unknown_method_is_rejected(model, small_ids, fn):
+    args = (model, small_ids, "magnitude") + ((2,) if fn == "select_layers" else ())
+    with pytest.raises(ValueError, match="method must be one of"):
+        getattr(ml.baselines, fn)(*args)
+
+
+def test_every_method_gives_a_permutation(model, small_ids):
+    for method in ml.baselines.METHODS:
+        order = ml.baselines.rank_layers(model, small_ids, method, rng=0)
+        assert sorted(order) == list(range(12)), method

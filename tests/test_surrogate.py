@@ -1,0 +1,298 @@
+"""Tests of ``minilib.surrogate``: fitting with a held-out split, vectorised estimation through
+the network, the residual correction, persistence, and input validation (chapter 05).
+
+Every game here is small (5-8 players) and every fit takes well under a second, so the whole
+module runs in seconds. Tolerances are stated where they are used, with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import minilib as ml
+from minilib import surrogate as S
+from minilib.estimators import BudgetTooSmallError, _uniform_masks, hamming_size_weights
+from minilib.games import TabularGame, all_coalitions
+
+FAST = {"optimizer": "lbfgs", "max_epochs": 40}  # full-batch L-BFGS: converges in well under a second here
+
+
+def random_surrogate(n: int, seed: int = 0, scale: float = 2.0, output: str = "sigmoid") -> S.Surrogate:
+    """An untrained surrogate with large random weights: a smooth but clearly non-additive game."""
+    torch.manual_seed(seed)
+    model = S.SurrogateMLP(n, output=output)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    return S.Surrogate(model.eval(), {}, np.zeros(0, int), np.zeros(0, int))
+
+
+def interacting_table(n: int, seed: int = 0) -> TabularGame:
+    """A positive game with main effects, pairwise and higher-order interactions."""
+    rng = np.random.default_rng(seed)
+    masks = all_coalitions(n).astype(float)
+    w = rng.uniform(0.2, 1.0, n)
+    pair = rng.normal(0, 0.3, (n, n))
+    values = masks @ w + 0.5 * np.einsum("mi,ij,mj->m", masks, np.triu(pair, 1), masks) \
+        + 0.3 * masks[:, :3].prod(axis=1)
+    return TabularGame(values - values.min() + 0.1)
+
+
+# --- fitting -----------------------------------------------------------------------------------
+
+def test_additive_game_shapley_recovered():
+    n = 6
+    w = np.linspace(0.5, 1.5, n)
+    masks = all_coalitions(n)
+    values = masks @ w
+    sur = S.fit_surrogate(masks, values, rng=0, output="linear", optimizer="lbfgs", max_epochs=200)
+    err = np.abs(sur.predict(masks) - values).max()
+    # φ_i(f) − w_i = φ_i(f − v), and Shapley weights of each player sum to 1, so
+    # |φ_i(f) − w_i| <= 2·max|f − v|. The fit must be good (max error < 1 % of the smallest
+    # weight); the recovered values then lie within 2 % of every weight.
+    assert err < 0.01 * w.min(), err
+    phi = S.surrogate_shapley(sur).values
+    assert np.abs(phi - w).max() <= 2 * err + 1e-6
+    assert np.allclose(phi, w, rtol=0.02, atol=0)
+
+
+def test_held_out_masks_never_trained_on():
+    n = 6
+    rng = np.random.default_rng(0)
+    masks = S.sample_stratified_masks(n, 600, [5, 4, 3, 2], rng)   # drawn with replacement: many repeats
+    values = interacting_table(n)(masks)
+    sur = S.fit_surrogate(masks, values, rng=1, **FAST)
+    train, held = sur.train_index, sur.held_out_index
+    assert len(np.intersect1d(train, held)) == 0 and len(train) + len(held) == len(masks)
+    # disjoint as *masks*, not only as row numbers: no held-out mask appears among the trained ones
+    key = ml.games.coalition_index
+    assert not np.isin(key(masks[held]), key(masks[train])).any()
+    # stratified by weight: every weight keeps ~20 % of its distinct masks for held-out
+    for w in np.unique(masks.sum(1)):
+        distinct = np.unique(key(masks[masks.sum(1) == w]))
+        held_w = np.unique(key(masks[held][masks[held].sum(1) == w]))
+        assert len(held_w) == int(round(0.2 * len(distinct)))
+    report = sur.report["held_out"]
+    assert report["overall"]["n"] == len(held)
+    assert sum(r["n"] for r in report["by_weight"].values()) == len(held)
+    again = S.accuracy_report(sur.predict(masks[held]), values[held], masks[held])
+    assert again["overall"] == pytest.approx(report["overall"])
+    assert sur.n_game_evals == len(np.unique(key(masks)))            # distinct masks: the real cost
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_fit_is_deterministic(optimizer):
+    n = 6
+    masks = all_coalitions(n)[1:]
+    values = interacting_table(n)(masks)
+    kw = {"optimizer": optimizer, "max_epochs": 30}
+    a, b = (S.fit_surrogate(masks, values, rng=7, **kw) for _ in range(2))
+    c = S.fit_surrogate(masks, values, rng=8, **kw)
+    assert np.array_equal(a.held_out_index, b.held_out_index)
+    assert all(torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict())
+    assert np.array_equal(a.predict(masks), b.predict(masks))
+    assert not np.array_equal(a.predict(masks), c.predict(masks))
+
+
+@pytest.mark.parametrize("output", ["sigmoid", "exp"])
+def test_save_load_round_trip(tmp_path, output):
+    n = 6
+    masks = all_coalitions(n)[1:]
+    values = interacting_table(n)(masks)
+    values = values / values.max()
+    sur = S.fit_surrogate(masks, values, rng=0, output=output, **FAST)
+    sur.save(tmp_path / "s")
+    back = S.Surrogate.load(tmp_path / "s")
+    assert np.array_equal(back.predict(masks), sur.predict(masks))
+    assert back.model.config == sur.model.config and back.model.config["output"] == output
+    assert back.report == json.loads(json.dumps(sur.report))
+    assert np.array_equal(back.train_index, sur.train_index)
+    assert np.array_equal(back.held_out_index, sur.held_out_index)
+    assert back.n_game_evals == sur.n_game_evals
+
+
+def test_exp_head_fits_full_model_exactly_where_sigmoid_cannot():
+    """ppl_ratio-like game: v(N) = 1 and one layer less costs 25 %: a sigmoid must undershoot v(N)."""
+    n = 6
+    masks = all_coalitions(n)
+    values = np.exp(-(~masks).astype(float) @ np.full(n, 0.29))                   # v(N) = 1, v(N∖i) = 0.75
+    fits = {out: S.fit_surrogate(masks, values, rng=0, output=out, optimizer="lbfgs", max_epochs=100)
+            for out in ("sigmoid", "exp")}
+    full = np.ones((1, n), bool)
+    assert abs(fits["exp"].predict(full)[0] - 1) < 0.01
+    assert abs(fits["sigmoid"].predict(full)[0] - 1) > abs(fits["exp"].predict(full)[0] - 1)
+
+
+# --- estimation through the network ------------------------------------------------------------
+
+def test_exact_mode_is_exact_shapley_of_the_surrogate_as_a_game():
+    n = 8
+    sur = random_surrogate(n)
+    table = TabularGame(sur.predict(all_coalitions(n)))
+    est = S.surrogate_shapley(sur, method="exact")
+    assert np.allclose(est.values, ml.shapley.exact_shapley(table), atol=1e-12)
+    assert np.allclose(S.surrogate_shapley(sur).values, est.values)              # "auto" is exact for L <= 20
+    assert est.values.sum() == pytest.approx(table.values[-1] - table.values[0])  # efficiency
+
+
+def test_sampling_modes_agree_with_exact_values():
+    n = 8
+    sur = random_surrogate(n, seed=1)
+    exact = S.surrogate_shapley(sur, method="exact").values
+    perm = S.surrogate_shapley(sur, n_samples=4000, rng=0, method="permutation")
+    # independent samples: the error is ~N(0, stderr²); 4 standard errors for each of 8 players
+    assert np.all(np.abs(perm.values - exact) <= 4 * perm.stderr), (perm.values - exact) / perm.stderr
+    sizes = [7, 5, 3]
+    target = S.surrogate_semivalue_exact(sur, hamming_size_weights(n, sizes))
+    ham = S.surrogate_shapley(sur, n_samples=6000, rng=0, method="hamming", keep_sizes=sizes)
+    assert np.all(np.abs(ham.values - target) <= 4 * ham.stderr), (ham.values - target) / ham.stderr
+    assert np.abs(ham.values - exact).max() > 4 * ham.stderr.max()  # and it is not the Shapley value
+
+
+def test_hamming_marginals_equal_brute_force():
+    n, sizes, n_samples = 7, [6, 4, 2], 30
+    sur = random_surrogate(n, seed=2)
+    fast = S._hamming_marginals(sur, n_samples, sizes, np.random.default_rng(3))
+    gen = np.random.default_rng(3)                                  # the same draws, rebuilt by hand
+    bases = np.concatenate([_uniform_masks(gen, n, np.arange(n), k, n_samples // len(sizes)) for k in sizes])
+    brute = np.empty((len(bases), n))
+    for row, b in enumerate(bases):
+        for i in range(n):
+            with_i, without_i = b.copy(), b.copy()
+            with_i[i], without_i[i] = True, False
+            brute[row, i] = sur.predict(with_i)[0] - sur.predict(without_i)[0]
+    assert fast.shape == brute.shape
+    assert np.allclose(fast, brute, atol=1e-5)                    # float32 network, two summation orders
+
+
+def test_permutation_marginals_equal_brute_force():
+    n, n_samples = 7, 20
+    sur = random_surrogate(n, seed=3)
+    fast = S._permutation_marginals(sur, n_samples, np.random.default_rng(4))
+    gen = np.random.default_rng(4)
+    orders = np.argsort(gen.random((n_samples // 2, n)), axis=1)
+    brute = np.zeros((len(orders), n))
+    for row, order in enumerate(orders):
+        for chain in (order, order[::-1]):                          # antithetic pair: mean of both
+            prefixes = np.zeros((n + 1, n), bool)
+            for t, player in enumerate(chain):
+                prefixes[t + 1:, player] = True
+            steps = np.diff(sur.predict(prefixes))
+            brute[row, chain] += steps / 2
+    assert np.allclose(fast, brute, atol=1e-5)
+
+
+def test_stage3_query_weights():
+    paper = S.stage3_query_weights(32, [30, 27, 24, 21, 18])
+    assert sum(paper.values()) == pytest.approx(1)
+    off = sum(p for w, p in paper.items() if w not in (30, 27, 24, 21, 18))
+    assert off == pytest.approx(0.5)                                 # the paper's strata: half off-strata
+    ours = S.stage3_query_weights(12, [11, 10, 9, 8, 7])
+    assert sum(p for w, p in ours.items() if w not in range(7, 12)) == pytest.approx(8 / 120)
+    # against a count of the queries _hamming_marginals actually makes
+    gen = np.random.default_rng(0)
+    bases = np.concatenate([_uniform_masks(gen, 12, np.arange(12), k, 2000) for k in (11, 10, 9, 8, 7)])
+    flips = bases[:, None, :] ^ np.eye(12, dtype=bool)
+    weights = np.concatenate([np.repeat(bases.sum(1), 12), flips.sum(2).ravel()])
+    counts = np.bincount(weights, minlength=13) / len(weights)
+    assert np.allclose([ours.get(w, 0) for w in range(13)], counts, atol=0.01)
+
+
+# --- budgeted estimators and the correction ------------------------------------------------------
+
+def test_correction_is_unbiased_with_a_bad_surrogate():
+    n, seeds = 5, 150
+    game = interacting_table(n, seed=1)
+    exact = ml.shapley.exact_shapley(game)
+    bad = {"optimizer": "adam", "max_epochs": 1, "output": "linear"}   # a surrogate that learned nothing
+    runs = [S.corrected_shapley(game, 64, rng=s, **bad) for s in range(seeds)]
+    est = np.array([r.values for r in runs])
+    assert max(r.n_evals for r in runs) <= 64
+    se = est.std(axis=0, ddof=1) / np.sqrt(seeds)
+    assert np.all(np.abs(est.mean(axis=0) - exact) <= 3 * se), (est.mean(axis=0) - exact) / se
+    # the test has teeth: the same bad surrogate, uncorrected, is far off
+    plain = np.array([S.surrogate_estimate(game, 64, rng=s, **bad).values for s in range(20)])
+    assert np.abs(plain.mean(axis=0) - exact).max() > 10 * se.max()
+
+
+def test_budgeted_estimators_respect_budget_and_are_accurate_on_a_smooth_game():
+    n = 8
+    w = np.linspace(0.1, 0.8, n)
+    game = TabularGame(np.exp(-(~all_coalitions(n)).astype(float) @ w))      # a product game, like ppl_ratio
+    exact = ml.shapley.exact_shapley(game)
+    for estimate in (S.surrogate_estimate(game, 120, rng=0), S.corrected_shapley(game, 120, rng=0)):
+        assert estimate.n_evals <= 120
+        assert ml.estimators.relative_squared_error(estimate.values, exact) < 1e-3, estimate
+    # 4 antithetic chains of 2·(n − 1) = 14 new masks each, on half the budget
+    with pytest.raises(BudgetTooSmallError, match="at least 112"):
+        S.corrected_shapley(game, 111, rng=0)
+    S.corrected_shapley(game, 112, rng=0, max_epochs=2)              # the stated minimum works
+
+
+def test_paper_pipeline_writes_artefacts_that_reload(tmp_path):
+    n = 6
+    game = interacting_table(n)
+    game = TabularGame(game.values / game.values.max())
+    res = S.paper_pipeline(game, 100, [5, 4, 3], rng=0, mc_samples=3000, out_dir=tmp_path, **FAST)
+    assert res.n_game_evals == len(np.unique(ml.games.coalition_index(res.masks))) == res.estimate.n_evals
+    with np.load(tmp_path / "evaluations.npz") as data:
+        assert np.array_equal(data["masks"], res.masks) and np.array_equal(data["values"], res.values)
+    assert np.array_equal(res.values, game(res.masks))
+    back = S.Surrogate.load(tmp_path / "surrogate")
+    assert np.array_equal(back.predict(all_coalitions(n)), res.surrogate.predict(all_coalitions(n)))
+    saved = json.loads((tmp_path / "estimate.json").read_text())
+    assert np.allclose(saved["values"], res.estimate.values) and saved["ranking"] == res.ranking
+    assert saved["keep_sizes"] == [5, 4, 3] and saved["n_game_evals"] == res.n_game_evals
+    assert res.ranking == np.argsort(res.estimate.values, kind="stable").tolist()
+
+
+def test_learning_curve_table():
+    n = 6
+    game = interacting_table(n)
+    curve = S.learning_curve(game, [40, 80], [5, 4, 3], seeds=[0, 1], test=(all_coalitions(n), game.values),
+                             optimizer="lbfgs", max_epochs=5)
+    assert list(curve["n_masks"]) == [40, 40, 80, 80] and list(curve["seed"]) == [0, 1, 0, 1]
+    assert {"n_evals", "r2", "spearman", "rmse", "test_r2", "test_rmse"} <= set(curve.columns)
+    assert (curve["n_evals"] <= curve["n_masks"]).all()
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+def test_bad_training_data_is_rejected_with_indices():
+    masks = all_coalitions(4)
+    values = masks.sum(1).astype(float)
+    with pytest.raises(ValueError, match="16 masks but values shape"):
+        S.fit_surrogate(masks, values[:-1])
+    bad = masks.astype(int)
+    bad[3, 2] = 2
+    with pytest.raises(ValueError, match=r"binary.*\[\[3, 2\]\]"):
+        S.fit_surrogate(bad, values)
+    broken = values.copy()
+    broken[[3, 7]] = [np.nan, np.inf]
+    with pytest.raises(ValueError, match=r"NaN or inf at indices \[3, 7\]"):
+        S.fit_surrogate(masks, broken)          # raised, never dropped: dropping shifts labels onto wrong masks
+    with pytest.raises(ValueError, match="NaN or inf"):
+        S.fit_surrogate(masks, broken.tolist())
+    with pytest.raises(ValueError, match="optimizer"):
+        S.fit_surrogate(masks, values, optimizer="sgd")
+    with pytest.raises(ValueError, match="positive"):
+        S.fit_surrogate(masks, values, output="exp")                 # v(∅) = 0 cannot be exp(z)
+    with pytest.raises(ValueError, match="output"):
+        S.SurrogateMLP(4, output="relu")
+
+
+def test_bad_queries_are_rejected():
+    sur = random_surrogate(6)
+    with pytest.raises(ValueError, match="6 columns"):
+        sur.predict(np.ones((3, 5), bool))
+    with pytest.raises(ValueError, match="method must be"):
+        S.surrogate_shapley(sur, n_samples=100, method="kernel")
+    with pytest.raises(ValueError, match="keep_sizes"):
+        S.surrogate_shapley(sur, n_samples=100, method="hamming")
+    with pytest.raises(ValueError, match="<= 20"):
+        S.surrogate_shapley(random_surrogate(21), method="exact")
+    assert S.surrogate_shapley(random_surrogate(21), n_samples=20, rng=0).n_evals == 0   # auto: sampling
