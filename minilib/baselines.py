@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .evaluation import LayerGame
+from .evaluation import LayerGame, final_hidden, input_device
 from .layers import decoder_layers
 
 
@@ -33,28 +33,30 @@ def block_influence(model: torch.nn.Module, input_ids: torch.Tensor, angular: bo
     (2024) instead. One forward pass of the full model; larger means more important.
     """
     layers = decoder_layers(model)
-    inputs: list = [None] * len(layers)
-    outputs: list = [None] * len(layers)
+    scores: list = [None] * len(layers)
+    current: dict = {}
     handles = []
     for i, layer in enumerate(layers):
-        def pre(module, args, kwargs, i=i):
-            inputs[i] = (args[0] if args else kwargs["hidden_states"]).float()
+        def pre(module, args, kwargs):
+            current["input"] = args[0] if args else kwargs["hidden_states"]
 
         def post(module, args, kwargs, out, i=i):
-            outputs[i] = (out[0] if isinstance(out, tuple) else out).float()
+            # scored as each layer finishes: one layer's input is alive at a time, and under a
+            # device_map the input may sit on the previous layer's device
+            y = (out[0] if isinstance(out, tuple) else out).float()
+            cos = torch.nn.functional.cosine_similarity(current.pop("input").to(y.device).float(), y, dim=-1)
+            cos = cos.clamp(-1.0, 1.0)
+            score = torch.arccos(cos) / torch.pi if angular else 1.0 - cos
+            scores[i] = float(score.double().mean())
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
     try:
-        model(input_ids=input_ids.to(next(model.parameters()).device), use_cache=False)
+        with torch.no_grad():
+            final_hidden(model, input_ids.to(input_device(model)))
     finally:
         for h in handles:
             h.remove()
-    scores = []
-    for x, y in zip(inputs, outputs):
-        cos = torch.nn.functional.cosine_similarity(x, y, dim=-1).clamp(-1.0, 1.0)
-        score = torch.arccos(cos) / torch.pi if angular else 1.0 - cos
-        scores.append(float(score.double().mean()))
     return np.array(scores)
 
 
@@ -75,7 +77,7 @@ def taylor_importance(model: torch.nn.Module, input_ids: torch.Tensor) -> np.nda
     was_training = model.training
     model.eval()
     try:
-        ids = input_ids.to(next(model.parameters()).device)
+        ids = input_ids.to(input_device(model))
         with torch.enable_grad():
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         scores = [float(sum((p.detach() * p.grad).abs().double().sum() for p in layer.parameters()

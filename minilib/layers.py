@@ -118,7 +118,8 @@ def _masked_forward(original, row_keep: torch.Tensor | None):
         sub_kwargs = {k: _take_rows(v, rows, batch) for k, v in kwargs.items()}
         out = original(hidden_states.index_select(0, rows), *sub_args, **sub_kwargs)
         first = out[0] if isinstance(out, tuple) else out
-        merged = hidden_states.index_copy(0, rows, first.to(hidden_states.dtype))
+        # under accelerate's device_map the layer may have run on another device than its input
+        merged = hidden_states.to(first.device).index_copy(0, rows.to(first.device), first.to(hidden_states.dtype))
         return (merged, *out[1:]) if isinstance(out, tuple) else merged
 
     return forward

@@ -1,0 +1,167 @@
+"""Prefix-tree evaluation of sampled masks, the model's own head in bounded memory, and
+accelerate-dispatched models (chapter 07).
+
+The properties that matter: any set of masks evaluated through the trie of its layer prefixes
+gives the same losses as one full forward per mask (<= 1e-5), with fewer layer forwards; the
+head is the model's own (Granite's logits scaling, Gemma 2's soft-capping); the loss computed
+in blocks equals the loss from full logits; models whose weights accelerate streams in through
+hooks evaluate exactly like plain ones.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import minilib as ml
+
+TOL = 1e-5
+
+
+def paper_design(n: int, per_stratum: int, seed: int = 0) -> np.ndarray:
+    """The paper's strata scaled to n layers, plus leave-one-out: the masks stage 1 evaluates."""
+    sizes = ml.pruning.paper_keep_sizes(n)
+    masks = ml.surrogate.sample_stratified_masks(n, per_stratum * len(sizes), sizes, rng=seed)
+    return np.concatenate([masks, ~np.eye(n, dtype=bool)])
+
+
+def independent_losses(model, ids, masks) -> np.ndarray:
+    """One plain forward per mask through keep_only, loss from the full logits."""
+    out = []
+    for mask in masks:
+        with ml.layers.keep_only(model, mask):
+            out.append(float(ml.evaluation.token_nll(model, ids).double().mean()))
+    return np.array(out)
+
+
+def _tiny(kind: str) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=5, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=100, max_position_embeddings=64)
+    if kind == "granite":   # scales logits by 1/logits_scaling in its own forward
+        model = tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=4.0, residual_multiplier=0.5,
+                                                       embedding_multiplier=3.0))
+    else:                    # gemma2: soft-caps the final logits
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=16, final_logit_softcapping=5.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mask_batch_size", [1, 5, 64])
+def test_prefix_tree_equals_independent_on_the_paper_design(model, calib_ids, n_layers, mask_batch_size):
+    ids = calib_ids[:2, :48]
+    masks = paper_design(n_layers, 6)
+    walked = ml.evaluation.mask_losses(model, ids, masks, mask_batch_size=mask_batch_size, row_chunk=8)
+    assert np.abs(walked - independent_losses(model, ids, masks)).max() <= TOL
+
+
+def test_prefix_tree_saves_layer_forwards_and_counts_them(model, calib_ids, n_layers):
+    masks = np.unique(paper_design(n_layers, 20), axis=0)
+    forwards = ml.evaluation.evaluate_masks(model, calib_ids[:1, :16], masks)
+    plain = int(masks.sum())
+    # distinct prefixes that end in a kept layer: the exact number of layer forwards a trie needs
+    distinct = len({masks[i, : k + 1].tobytes() for i in range(len(masks)) for k in range(n_layers) if masks[i, k]})
+    assert forwards == distinct
+    assert plain / forwards > 1.7
+
+
+def test_a_mask_and_its_flips_share_the_prefix(model, calib_ids, n_layers):
+    base = np.ones(n_layers, dtype=bool)
+    flips = np.repeat(base[None], n_layers, axis=0) ^ np.eye(n_layers, dtype=bool)
+    forwards = ml.evaluation.evaluate_masks(model, calib_ids[:1, :16], np.concatenate([base[None], flips]))
+    # flip j shares layers < j with the base mask: only its suffix after j runs again
+    assert forwards == n_layers + sum(n_layers - j - 1 for j in range(n_layers))
+
+
+def test_duplicates_order_and_empty_input(model, calib_ids, n_layers):
+    ids = calib_ids[:1, :16]
+    rng = np.random.default_rng(3)
+    masks = rng.random((6, n_layers)) < 0.5
+    masks = np.concatenate([masks, masks[::-1], np.zeros((1, n_layers), bool)])
+    losses = ml.evaluation.mask_losses(model, ids, masks)
+    assert np.array_equal(losses[:6], losses[6:12][::-1])
+    assert np.abs(losses - independent_losses(model, ids, masks)).max() <= TOL
+    assert ml.evaluation.evaluate_masks(model, ids, np.zeros((0, n_layers), bool)) == 0
+    with pytest.raises(ValueError, match="masks must have shape"):
+        ml.evaluation.evaluate_masks(model, ids, masks[:, :3])
+    with pytest.raises(ValueError, match="mask_batch_size"):
+        ml.evaluation.evaluate_masks(model, ids, masks, mask_batch_size=0)
+
+
+@pytest.mark.parametrize("kind", ["granite", "gemma2"])
+def test_the_head_is_the_models_own(kind):
+    model = _tiny(kind)
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    masks = ml.games.all_coalitions(5)
+    table = ml.evaluation.exact_values(ml.evaluation.LayerGame(model, ids, "neg_loss"), progress=False)
+    assert np.abs(-table.values - independent_losses(model, ids, masks)).max() <= TOL
+    # rebuilding the head as lm_head(norm(h)) would miss the scaling / capping: it does differ
+    hidden = ml.evaluation.final_hidden(model, ids)
+    plain = model.lm_head(model.model.norm(hidden)).float()
+    own = model(input_ids=ids, use_cache=False).logits.float()
+    assert (plain - own).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("max_logits", [1, 100 * 5, 100 * 40])
+def test_loss_in_bounded_blocks_equals_full_logits(max_logits):
+    model = _tiny("gemma2")
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+    full = ml.evaluation.token_nll(model, ids)
+    blocked = ml.evaluation.token_nll(model, ids, max_logits=max_logits)
+    torch.testing.assert_close(blocked, full, rtol=1e-5, atol=1e-5)
+
+
+def test_bounded_loss_in_the_layer_game(model, calib_ids, n_layers):
+    masks = paper_design(n_layers, 2)
+    small = ml.evaluation.LayerGame(model, calib_ids, "neg_loss", max_logits=4096 * 50, engine="forward")
+    full = ml.evaluation.LayerGame(model, calib_ids, "neg_loss", engine="forward")
+    assert np.abs(small(masks) - full(masks)).max() <= TOL
+
+
+@pytest.mark.parametrize("engine", ["prefix", "forward"])
+def test_engines_agree_and_count(model, calib_ids, n_layers, engine):
+    masks = paper_design(n_layers, 3, seed=5)
+    game = ml.evaluation.LayerGame(model, calib_ids[:2], "ppl_ratio", engine=engine, mask_batch_size=4)
+    values = game(masks)
+    reference = np.exp(game.base_loss - independent_losses(model, calib_ids[:2], masks))
+    assert np.abs(values - reference).max() <= TOL
+    assert game.n_evals == len(np.unique(masks, axis=0)) + 1      # + the full model
+    assert game.layer_forwards > 0
+    with pytest.raises(ValueError, match="engine"):
+        ml.evaluation.LayerGame(model, calib_ids, engine="magic")
+
+
+# ---------------------------------------------------------------- accelerate-dispatched models
+
+@pytest.fixture(scope="module")
+def offloaded(model):
+    """The teaching model with its weights on ``meta``, streamed in by accelerate's hooks per forward."""
+    accelerate = pytest.importorskip("accelerate")
+    copy_ = accelerate.cpu_offload(copy.deepcopy(model), execution_device="cpu")
+    assert any(p.device.type == "meta" for p in copy_.parameters())
+    return copy_
+
+
+def test_dispatched_model_evaluates_like_the_plain_one(model, offloaded, calib_ids, n_layers):
+    ids = calib_ids[:2, :32]
+    assert ml.evaluation.input_device(offloaded).type == "cpu"
+    masks = paper_design(n_layers, 2, seed=7)
+    reference = independent_losses(model, ids, masks)
+    for engine in ("prefix", "forward"):
+        game = ml.evaluation.LayerGame(offloaded, ids, "neg_loss", engine=engine, mask_batch_size=3)
+        assert np.abs(-game(masks) - reference).max() <= TOL, engine
+
+
+def test_dispatched_model_baselines(model, offloaded, calib_ids):
+    for method in ("block_influence", "block_influence_angular"):
+        ours = ml.baselines.layer_scores(offloaded, calib_ids, method)
+        plain = ml.baselines.layer_scores(model, calib_ids, method)
+        np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)
