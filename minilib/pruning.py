@@ -58,6 +58,29 @@ class PruneResult:
                 "n_evals": self.n_evals, "seconds": round(self.seconds, 3), **self.details}
 
 
+def _surrogate_budget(budget, method: str, n: int, keep_sizes) -> int:
+    """``budget`` of a surrogate method checked before any evaluation; ``None`` → 8·L·(L+1) (chapter 06).
+
+    The minimum is what the method can run with: the full model's reference evaluation plus 3
+    masks per stratum for ``"shapley_surrogate"`` (the fewest that can leave one held out for the
+    fit), 4 antithetic chains for ``"shapley_surrogate_corrected"``. 0, negatives and non-ints
+    raise instead of meaning "default".
+    """
+    from .surrogate import corrected_min_budget
+
+    if budget is None:
+        return 8 * n * (n + 1)
+    if method == "shapley_surrogate":
+        strata = len(keep_sizes) if keep_sizes is not None else len(paper_keep_sizes(n))
+        minimum, why = 1 + 3 * strata, f"the full model and 3 masks in each of {strata} strata"
+    else:
+        minimum, why = corrected_min_budget(n), "4 antithetic permutation chains"
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < minimum:
+        raise ValueError(f"budget must be None (default 8·L·(L+1)) or an int >= {minimum} for method={method!r} "
+                         f"with L={n} ({why}), got {budget!r}")
+    return int(budget)
+
+
 def _shapley_scores(model, input_ids, method: str, rng, budget: int | None, keep_sizes, utility: str,
                     mask_batch_size: int) -> tuple[np.ndarray, int, dict]:
     from .surrogate import corrected_shapley, paper_pipeline
@@ -70,10 +93,10 @@ def _shapley_scores(model, input_ids, method: str, rng, budget: int | None, keep
                              f"got {n} (use 'shapley_surrogate' or 'shapley_surrogate_corrected')")
         table = exact_values(game)
         return exact_shapley(table), game.n_evals, {}
-    budget = budget or 8 * n * (n + 1)
+    budget = _surrogate_budget(budget, method, n, keep_sizes)
     if method == "shapley_surrogate":
         sizes = list(keep_sizes) if keep_sizes is not None else paper_keep_sizes(n)
-        result = paper_pipeline(game, budget, sizes, rng=rng)
+        result = paper_pipeline(game, budget - game.n_evals, sizes, rng=rng)  # the full model's run counts too
         details = {"keep_sizes": sizes, "surrogate_held_out": result.surrogate.report["held_out"]["overall"]}
         return result.estimate.values, game.n_evals, details
     estimate = corrected_shapley(game, budget, rng=rng, keep_sizes=keep_sizes)
@@ -88,7 +111,8 @@ def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove
     ``method`` is a baseline (:data:`minilib.baselines.METHODS`) or ``"shapley_exact"`` (all 2**L
     masks, L <= 16), ``"shapley_surrogate"`` (the paper: ``budget`` stratified masks, surrogate,
     Hamming semivalue) or ``"shapley_surrogate_corrected"`` (surrogate Shapley + residual
-    correction); ``budget`` counts real masked evaluations (default 8·L·(L+1)). The model is
+    correction); ``budget`` counts real masked evaluations (``None``: 8·L·(L+1); one below what the
+    method needs, 0 included, raises ``ValueError``). The model is
     copied unless ``inplace=True``; the result's model survives ``save_pretrained`` /
     ``from_pretrained``.
     """
@@ -100,6 +124,8 @@ def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove
     if method == "shapley_exact" and n > MAX_EXACT_LAYERS:  # refuse before any evaluation
         raise ValueError(f"method='shapley_exact' evaluates 2**L masks; L must be <= {MAX_EXACT_LAYERS}, "
                          f"got {n} (use 'shapley_surrogate' or 'shapley_surrogate_corrected')")
+    if method in SHAPLEY_METHODS[1:]:  # refuse a bad budget before any evaluation
+        budget = _surrogate_budget(budget, method, n, keep_sizes)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     start = time.perf_counter()
     details: dict = {}

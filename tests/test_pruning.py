@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -183,3 +184,58 @@ def test_cli_rejects_bad_input(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- budgets; deep models (L > 20)
+
+SURROGATE_METHODS = ("shapley_surrogate", "shapley_surrogate_corrected")
+
+
+def minimum_budget(method: str, n: int) -> int:
+    """The full model plus 3 masks per paper stratum; 4 antithetic chains for the corrected method."""
+    if method == "shapley_surrogate":
+        return 1 + 3 * len(ml.pruning.paper_keep_sizes(n))
+    return ml.surrogate.corrected_min_budget(n)
+
+
+@pytest.mark.parametrize("method", SURROGATE_METHODS)
+@pytest.mark.parametrize("budget", [0, -1, 1.5, True, "100", None])
+def test_prune_rejects_bad_budget_before_any_evaluation(six_layer, small_ids, monkeypatch, method, budget):
+    """0 used to mean "default" (``budget or default``); ``None`` is the only default now."""
+    minimum = minimum_budget(method, 6)
+    budget = minimum - 1 if budget is None else budget
+    monkeypatch.setattr(ml.pruning, "LayerGame", lambda *a, **k: pytest.fail("evaluated before checking"))
+    with pytest.raises(ValueError, match=rf"budget must be None .* >= {minimum} .*got {re.escape(repr(budget))}$"):
+        ml.pruning.prune(six_layer, small_ids, method, 2, budget=budget)
+
+
+@pytest.mark.parametrize("method", SURROGATE_METHODS)
+def test_prune_budget_default_and_minimum(six_layer, small_ids, method):
+    assert ml.pruning._surrogate_budget(None, method, 6, None) == 8 * 6 * 7
+    assert ml.pruning._surrogate_budget(np.int64(500), method, 6, None) == 500
+    minimum = minimum_budget(method, 6)
+    result = ml.pruning.prune(six_layer, small_ids, method, 2, rng=0, budget=minimum)
+    assert 0 < result.n_evals <= minimum
+
+
+def tiny_llama(n_layers: int) -> torch.nn.Module:
+    """A random LLaMA with hidden size 16 and vocabulary 64: a deep model whose evaluations cost ~2 ms."""
+    torch.manual_seed(n_layers)
+    cfg = tf.LlamaConfig(num_hidden_layers=n_layers, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("n_layers", [24, 32])
+@pytest.mark.parametrize("method", SURROGATE_METHODS)
+def test_surrogate_methods_prune_deep_models_within_budget(method, n_layers):
+    """L > 20: the corrected method used to raise (no n_samples for sampling through the net), and the
+    paper's pipeline spent budget + 1 (the full model's reference run was not counted)."""
+    model = tiny_llama(n_layers)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    budget = 60 if method == "shapley_surrogate" else minimum_budget(method, n_layers)
+    result = ml.pruning.prune(model, ids, method, 4, rng=0, budget=budget)
+    assert 0 < result.n_evals <= budget
+    assert np.all(np.isfinite(result.scores)) and len(result.scores) == n_layers
+    assert result.removed == np.argsort(result.scores, kind="stable")[:4].tolist()
+    assert len(ml.layers.decoder_layers(result.model)) == result.model.config.num_hidden_layers == n_layers - 4

@@ -296,3 +296,92 @@ def test_bad_queries_are_rejected():
     with pytest.raises(ValueError, match="<= 20"):
         S.surrogate_shapley(random_surrogate(21), method="exact")
     assert S.surrogate_shapley(random_surrogate(21), n_samples=20, rng=0).n_evals == 0   # auto: sampling
+
+
+# --- many layers (L > 20): sampling through the net ----------------------------------------------
+
+def clear_ranking_game(n: int, seed: int = 0) -> tuple[ml.games.PairwiseGame, list[int]]:
+    """Additive + weak pairwise game whose 4 least important players stand well apart, and those 4.
+
+    Main effects: 4 players in [0.01, 0.02], the rest in [0.05, 0.1], shuffled; interactions
+    N(0, 0.002) shift a Shapley value by ½ Σ_j p_ij, about 0.006 at L = 32: the bottom 4 stay
+    at least ~0.02 below the others (closed form :meth:`~minilib.games.PairwiseGame.shapley_values`).
+    """
+    rng = np.random.default_rng(seed)
+    main = rng.permutation(np.concatenate([rng.uniform(0.01, 0.02, 4), rng.uniform(0.05, 0.1, n - 4)]))
+    game = ml.games.PairwiseGame(main, np.triu(rng.normal(0, 0.002, (n, n)), 1))
+    bottom = sorted(np.argsort(game.shapley_values())[:4].tolist())
+    assert bottom == sorted(np.argsort(main)[:4].tolist())            # the ranking really is clear
+    return game, bottom
+
+
+@pytest.mark.parametrize("n", [21, 24, 32])
+def test_surrogate_shapley_samples_by_default_above_20_players(n):
+    sur = random_surrogate(n, seed=n)
+    est = S.surrogate_shapley(sur, rng=0)                             # no n_samples: used to raise
+    assert est.method == "surrogate (permutation)" and np.all(est.stderr > 0)
+    same = S.surrogate_shapley(sur, n_samples=S.default_surrogate_samples(n), rng=0)
+    assert np.array_equal(est.values, same.values) and S.default_surrogate_samples(n) == 1000 * n
+    # every antithetic chain telescopes to f(N) − f(∅): efficiency holds exactly, sampling or not
+    ends = sur.predict(np.array([np.zeros(n, bool), np.ones(n, bool)]))
+    assert est.values.sum() == pytest.approx(ends[1] - ends[0], abs=1e-5)
+    # the default's Monte Carlo error is small next to the values (0.2 % measured; 1 % allowed)
+    assert est.stderr.max() < 0.01 * np.abs(est.values).mean()
+
+
+@pytest.mark.parametrize("n", [24, 32])
+def test_budgeted_estimators_above_20_players(n):
+    game, bottom = clear_ranking_game(n)
+    exact = game.shapley_values()
+    budget = 600
+    for estimate in (S.surrogate_estimate(game, budget, rng=0), S.corrected_shapley(game, budget, rng=0)):
+        assert estimate.n_evals <= budget
+        assert sorted(np.argsort(estimate.values)[:4].tolist()) == bottom, estimate
+        assert ml.estimators.relative_squared_error(estimate.values, exact) < 1e-3, estimate
+    assert np.all(np.isfinite(estimate.stderr) & (estimate.stderr > 0))  # corrected: correction + net MC error
+
+
+def test_corrected_stderr_includes_the_surrogate_monte_carlo_error(monkeypatch):
+    """φ(f) through the net with standard error 1 per fold: the folds' weighted errors add in quadrature."""
+    real = S.surrogate_shapley
+
+    def noisy(*args, **kwargs):
+        est = real(*args, **kwargs)
+        return ml.estimators.Estimate(est.values, np.ones_like(est.values), est.n_evals, est.method)
+
+    monkeypatch.setattr(S, "surrogate_shapley", noisy)
+    game = interacting_table(6, seed=2)
+    est = S.corrected_shapley(game, 200, rng=0, **FAST)                # folds of equal weight: √(½² + ½²)
+    assert np.allclose(est.stderr, np.sqrt(0.5), rtol=0.01), est.stderr
+
+
+def test_paper_pipeline_above_20_players():
+    n = 32
+    game, bottom = clear_ranking_game(n, seed=1)
+    sizes = ml.pruning.paper_keep_sizes(n)
+    res = S.paper_pipeline(game, 300, sizes, rng=0, mc_samples=20_000)
+    assert res.n_game_evals <= 300 and sorted(res.ranking[:4]) == bottom
+
+
+def test_corrected_budget_arithmetic_for_every_chain_fraction():
+    """The chains' worst case (no repeated mask) fits the budget, and the stated minimum is the least that runs."""
+    for n in (4, 8, 32):
+        for cf in (0.05, 0.3, 0.5, 0.9, 0.99, 0.999, 0.9999):
+            low = S.corrected_min_budget(n, cf)
+            assert S._chain_pairs(n, low, cf) >= 4 > S._chain_pairs(n, low - 1, cf)
+            for budget in range(low, low + 6 * n):
+                assert 2 + S._chain_pairs(n, budget, cf) * 2 * (n - 1) <= budget, (n, cf, budget)
+
+
+def test_corrected_budget_holds_near_chain_fraction_one():
+    """chain_fraction=0.999 of 2·(n−1)·k + 1 kept k chain pairs and spent budget + 1 (their shared ∅ and N)."""
+    n, fast = 32, {"optimizer": "lbfgs", "max_epochs": 1, "n_samples": 64}
+    game = ml.games.PairwiseGame(np.linspace(0.01, 0.1, n))       # 32 players: chains rarely repeat a mask
+    for cf in (0.999, 0.9999):
+        low = S.corrected_min_budget(n, cf)
+        for budget in [low, low + 1] + [2 * (n - 1) * k + 1 for k in (5, 6, 7)]:
+            for seed in range(4):
+                spent = S.corrected_shapley(game, budget, rng=seed, chain_fraction=cf, **fast).n_evals
+                assert spent <= budget, (cf, budget, seed, spent)
+    with pytest.raises(BudgetTooSmallError, match=f"at least {S.corrected_min_budget(n, 0.999)}"):
+        S.corrected_shapley(game, S.corrected_min_budget(n, 0.999) - 1, chain_fraction=0.999)
