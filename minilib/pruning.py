@@ -82,10 +82,10 @@ def _surrogate_budget(budget, method: str, n: int, keep_sizes) -> int:
 
 
 def _shapley_scores(model, input_ids, method: str, rng, budget: int | None, keep_sizes, utility: str,
-                    mask_batch_size: int) -> tuple[np.ndarray, int, dict]:
+                    mask_batch_size: int | None, store) -> tuple[np.ndarray, int, dict]:
     from .surrogate import corrected_shapley, paper_pipeline
 
-    game = LayerGame(model, input_ids, utility=utility, mask_batch_size=mask_batch_size)
+    game = LayerGame(model, input_ids, utility=utility, mask_batch_size=mask_batch_size, store=store)
     n = game.n_players
     if method == "shapley_exact":
         if n > MAX_EXACT_LAYERS:
@@ -103,18 +103,41 @@ def _shapley_scores(model, input_ids, method: str, rng, budget: int | None, keep
     return estimate.values, game.n_evals, {"stderr": estimate.stderr.tolist()}
 
 
+def _check_copy_fits(model: torch.nn.Module) -> None:
+    """Refuse a deep copy that would not fit next to the model, or of a dispatched model (chapter 07)."""
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1 or any(
+            p.device.type == "meta" for p in model.parameters()):
+        raise ValueError("inplace=False would deep-copy a model that accelerate dispatched over several devices "
+                         "or offloaded; pass inplace=True to remove the layers from this model itself")
+    sizes: dict[torch.device, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        sizes[t.device] = sizes.get(t.device, 0) + t.numel() * t.element_size()
+    for device, size in sizes.items():
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if size > 0.9 * free:
+                raise ValueError(f"inplace=False would deep-copy {size / 2**30:.1f} GiB of weights on {device}, "
+                                 f"which has {free / 2**30:.1f} GiB free; pass inplace=True to prune this model "
+                                 "in place (or move it to the CPU first)")
+
+
 def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove: int, rng=None,
           budget: int | None = None, keep_sizes=None, utility: str = "ppl_ratio",
-          mask_batch_size: int = 8, inplace: bool = False) -> PruneResult:
+          mask_batch_size: int | None = None, inplace: bool = False, store=None) -> PruneResult:
     """Choose ``n_remove`` layers by ``method`` on calibration ``input_ids`` and remove them (chapter 06).
 
     ``method`` is a baseline (:data:`minilib.baselines.METHODS`) or ``"shapley_exact"`` (all 2**L
     masks, L <= 16), ``"shapley_surrogate"`` (the paper: ``budget`` stratified masks, surrogate,
     Hamming semivalue) or ``"shapley_surrogate_corrected"`` (surrogate Shapley + residual
     correction); ``budget`` counts real masked evaluations (``None``: 8·L·(L+1); one below what the
-    method needs, 0 included, raises ``ValueError``). The model is
-    copied unless ``inplace=True``; the result's model survives ``save_pretrained`` /
-    ``from_pretrained``.
+    method needs, 0 included, raises ``ValueError``). ``store`` (a path or
+    :class:`~minilib.store.EvaluationStore`) makes the masked evaluations resumable (chapter 07).
+
+    ``inplace=False`` (default) deep-copies the model on its own device before removing layers,
+    so the original stays intact but its memory is needed twice: refused with a ``ValueError``
+    when the copy would not fit in the free memory of its GPU, or when accelerate has dispatched
+    or offloaded the model; ``inplace=True`` removes the layers from ``model`` itself and costs
+    nothing. The result's model survives ``save_pretrained`` / ``from_pretrained``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -126,15 +149,17 @@ def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove
                          f"got {n} (use 'shapley_surrogate' or 'shapley_surrogate_corrected')")
     if method in SHAPLEY_METHODS[1:]:  # refuse a bad budget before any evaluation
         budget = _surrogate_budget(budget, method, n, keep_sizes)
+    if not inplace:
+        _check_copy_fits(model)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     start = time.perf_counter()
     details: dict = {}
     if method in SHAPLEY_METHODS:
         scores, n_evals, details = _shapley_scores(model, input_ids, method, gen, budget, keep_sizes,
-                                                   utility, mask_batch_size)
+                                                   utility, mask_batch_size, store)
         removed = np.argsort(scores, kind="stable")[: int(n_remove)].tolist()
     elif method == "sleb":
-        game = LayerGame(model, input_ids, utility="neg_loss", mask_batch_size=mask_batch_size)
+        game = LayerGame(model, input_ids, utility=utility, mask_batch_size=mask_batch_size, store=store)
         removed = baselines.sleb_order(game, int(n_remove))
         scores = np.full(n, np.nan)
         scores[removed] = np.arange(len(removed))

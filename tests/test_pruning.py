@@ -176,7 +176,7 @@ def test_cli_prunes_teaching_model_end_to_end(tmp_path, method, extra):
 @pytest.mark.parametrize("args,message", [
     (["--method", "magnitude", "--remove", "3"], "invalid choice"),
     (["--method", "tail", "--remove", "12"], "n_remove must be an int in 1..11"),
-    (["--method", "tail", "--remove", "0"], "n_remove must be an int in 1..11"),
+    (["--method", "tail", "--remove", "0"], "--remove: must be >= 1"),
 ])
 def test_cli_rejects_bad_input(tmp_path, args, message):
     proc = run_cli("prune", "--model", "teaching", "--out", str(tmp_path / "x"), "--n-seqs", "2",
