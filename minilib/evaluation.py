@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -296,7 +297,12 @@ class LayerGame(Game):
             self._loss_cache[np.packbits(mask).tobytes()] = float(loss)
         self.n_evals += len(masks)
         if self.store is not None:
-            self.store.record(masks, np.asarray(losses, dtype=float))
+            losses = np.asarray(losses, dtype=float)
+            broken = np.isnan(losses)   # e.g. fp16 overflow: kept in memory, not stored, retried on a rerun
+            if broken.any():
+                warnings.warn(f"{int(broken.sum())} mask(s) gave a NaN loss (numerical overflow?); "
+                              "they are not written to the store", RuntimeWarning, stacklevel=3)
+            self.store.record(masks[~broken], losses[~broken])
 
     def _evaluate_new(self, masks: np.ndarray) -> None:
         show = self.progress if self.progress is not None else len(masks) > 4 * self.mask_batch_size

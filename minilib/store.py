@@ -67,8 +67,11 @@ def model_fingerprint(model: Any, sample: int = 4096) -> str:
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE_CONFIG}
     h = hashlib.sha256(f"{type(model).__name__}|".encode())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    offloaded = _offloaded_tensors(model)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
+            if tensor.device.type == "meta" and name in offloaded:
+                tensor = offloaded[name]
             flat = tensor.detach().reshape(-1)
             k = min(flat.numel(), sample)
             idx = torch.arange(k, dtype=torch.int64) * flat.numel() // max(k, 1)
@@ -76,6 +79,24 @@ def model_fingerprint(model: Any, sample: int = 4096) -> str:
             h.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
             h.update(values.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _offloaded_tensors(model: Any) -> dict:
+    """Weights that accelerate keeps off the model (``meta`` placeholders), by state_dict name.
+
+    Offloaded modules carry an ``AlignDevicesHook`` whose ``weights_map`` holds the real values.
+    """
+    found = {}
+    for prefix, module in model.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            continue
+        for name in list(module._parameters) + list(module._buffers):
+            try:
+                found[f"{prefix}.{name}" if prefix else name] = weights[name]
+            except KeyError:
+                continue
+    return found
 
 
 def calibration_hash(input_ids: Any) -> str:

@@ -165,3 +165,24 @@ def test_dispatched_model_baselines(model, offloaded, calib_ids):
         ours = ml.baselines.layer_scores(offloaded, calib_ids, method)
         plain = ml.baselines.layer_scores(model, calib_ids, method)
         np.testing.assert_allclose(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatched_model_works_with_a_store(model, offloaded, calib_ids, tmp_path):
+    """The fingerprint reads offloaded weights through accelerate's hooks: same identity as the plain model."""
+    assert ml.store.model_fingerprint(offloaded) == ml.store.model_fingerprint(model)
+    ids = calib_ids[:1, :16]
+    plain = ml.evaluation.LayerGame(model, ids, store=tmp_path / "s.sqlite")
+    masks = paper_design(len(ml.layers.decoder_layers(model)), 1)
+    values = plain(masks)
+    resumed = ml.evaluation.LayerGame(offloaded, ids, store=tmp_path / "s.sqlite")
+    assert np.array_equal(resumed(masks), values) and resumed.n_evals == 0
+
+
+def test_a_nan_loss_is_kept_in_memory_but_not_stored(model, calib_ids, tmp_path):
+    ids = calib_ids[:1, :16]
+    game = ml.evaluation.LayerGame(model, ids, store=tmp_path / "s.sqlite")
+    masks = paper_design(len(ml.layers.decoder_layers(model)), 1)[:2]
+    with pytest.warns(RuntimeWarning, match="NaN loss"):
+        game._record(masks, np.array([np.nan, 2.5]))
+    assert np.isnan(game.losses(masks[:1])[0])
+    assert np.isnan(game.store.lookup(masks[:1])[0]) and game.store.lookup(masks[1:])[0] == 2.5
