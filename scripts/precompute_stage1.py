@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--store", type=Path, default=Path(__file__).resolve().parent / "stage1" / "smollm2.sqlite")
     parser.add_argument("--export", action="store_true", help="write the shipped files from the store and stop")
+    parser.add_argument("--reverse", action="store_true",
+                        help="walk the design from its end: a second process on the same store meets the first")
     args = parser.parse_args()
 
     model, tok = ml.models.load_model(args.model)
@@ -73,7 +75,10 @@ def main() -> None:
     clock = args.store.parent / f"wall_seconds.rank{rank}.json"     # summed over resumed runs
     before = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
     start = time.time()
-    mine = masks[rank::world]
+    mine = masks[rank::world][::-1] if args.reverse else masks[rank::world]
+    if args.reverse:
+        clock = clock.with_name(f"wall_seconds.rank{rank}r.json")
+        before = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
     for begin in range(0, len(mine), 100):     # in slices, so the trie's depth-first order follows the design's
         game.losses(mine[begin: begin + 100])
         clock.write_text(json.dumps({"seconds": round(before + time.time() - start, 1), "evaluated": len(game.store)}))
