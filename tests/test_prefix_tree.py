@@ -186,3 +186,22 @@ def test_a_nan_loss_is_kept_in_memory_but_not_stored(model, calib_ids, tmp_path)
         game._record(masks, np.array([np.nan, 2.5]))
     assert np.isnan(game.losses(masks[:1])[0])
     assert np.isnan(game.store.lookup(masks[:1])[0]) and game.store.lookup(masks[1:])[0] == 2.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_end_to_end(model, calib_ids, n_layers, dtype):
+    """bf16/fp16 weights: both engines agree, losses are float32 and finite, close to the float32 model's."""
+    half = copy.deepcopy(model).to(dtype)
+    ids = calib_ids[:2, :32]
+    masks = paper_design(n_layers, 2, seed=3)
+    tree = ml.evaluation.LayerGame(half, ids, "neg_loss", mask_batch_size=4)(masks)
+    forward = ml.evaluation.LayerGame(half, ids, "neg_loss", engine="forward")(masks)
+    assert np.isfinite(tree).all()
+    assert np.abs(tree - forward).max() <= 0.02                     # same maths, other kernels' rounding
+    assert np.abs(tree - (-independent_losses(model, ids, masks))).max() <= 0.1
+    assert ml.evaluation.token_nll(half, ids, max_logits=4096 * 8).dtype == torch.float32
+
+
+def test_prune_refuses_to_deep_copy_a_dispatched_model(offloaded, calib_ids):
+    with pytest.raises(ValueError, match="inplace=True"):
+        ml.pruning.prune(offloaded, calib_ids[:1, :16], "tail", 2)
