@@ -16,7 +16,7 @@ import random
 
 __version__ = "0.1.0"
 __all__ = ["baselines", "estimators", "evaluation", "games", "layers", "pruning", "shapley", "surrogate", "teaching",
-           "models", "data", "store", "search", "set_seed", "__version__"]
+           "models", "data", "store", "search", "efficiency", "zero_shot", "set_seed", "__version__"]
 
 
 def set_seed(seed: int = 0) -> None:
