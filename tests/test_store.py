@@ -8,7 +8,6 @@ lost or changed and that the rerun evaluated exactly the missing masks.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import signal
@@ -293,11 +292,8 @@ def _layer_game_class():
     return LayerGame
 
 
-# (not evaluated in the child processes, which would otherwise import torch for nothing)
-_GAME_HAS_STORE = __name__ != "__main__" and "store" in inspect.signature(_layer_game_class()).parameters
 
 
-@pytest.mark.skipif(not _GAME_HAS_STORE, reason="LayerGame(..., store=path) is not integrated yet")
 def test_killed_layer_game_resumes_without_losing_or_repeating_an_evaluation(tmp_path, teaching):
     """The same kill test through ``LayerGame(model, ids, store=path)`` on the teaching model."""
     import torch
