@@ -31,6 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -404,3 +405,54 @@ def evaluate_missing(store: EvaluationStore, masks: Any, evaluate: Callable[[np.
         chunk = np.stack(todo[start: start + chunk_size])
         store.record(chunk, evaluate(chunk))
     return store.lookup(masks), len(todo)
+
+
+SHIPPED = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class ShippedTable:
+    """A precomputed stage-1 table shipped with minilib: masks, losses, calibration ids, manifest (chapter 07).
+
+    ``losses[i]`` is the mean token NLL of the model keeping ``masks[i]`` on ``calibration_ids``;
+    :meth:`values` turns them into the paper's utility. ``manifest`` says how it was made (model
+    file hash, calibration source and hash, design, versions, seed, wall time, machine).
+    """
+
+    masks: np.ndarray
+    losses: np.ndarray
+    calibration_ids: Any
+    manifest: dict
+    meta: dict
+
+    @property
+    def base_loss(self) -> float:
+        """Loss of the full model (the all-True mask, always in the table)."""
+        full = np.flatnonzero(self.masks.all(axis=1))
+        if len(full) != 1:
+            raise ValueError("the table has no full-model row")
+        return float(self.losses[full[0]])
+
+    def values(self, utility: str = "ppl_ratio") -> np.ndarray:
+        """``ppl_ratio`` = base PPL / PPL(mask) (the paper's), or ``neg_loss`` = −loss."""
+        if utility == "ppl_ratio":
+            return np.exp(self.base_loss - self.losses)
+        if utility == "neg_loss":
+            return -self.losses
+        raise ValueError(f"utility must be 'ppl_ratio' or 'neg_loss', got {utility!r}")
+
+
+def load_shipped_table(name: str = "smollm2") -> ShippedTable:
+    """Load a shipped stage-1 table, e.g. SmolLM2-135M's (``scripts/precompute_stage1.py``) (chapter 07)."""
+    import torch
+
+    folder = SHIPPED / name
+    if not (folder / "stage1.npz").is_file():
+        available = sorted(p.parent.name for p in SHIPPED.glob("*/stage1.npz"))
+        raise ValueError(f"name: no shipped stage-1 table {name!r}; available: {available}")
+    masks, losses, meta = load_table(folder / "stage1.npz")
+    ids = torch.from_numpy(np.load(folder / "calibration_ids.npy").astype(np.int64))
+    manifest = json.loads((folder / "stage1_manifest.json").read_text())
+    if calibration_hash(ids) != meta["calibration"]:
+        raise ValueError(f"{folder}: calibration_ids.npy does not match the table's calibration hash")
+    return ShippedTable(masks, losses, ids, manifest, meta)
