@@ -61,3 +61,26 @@ def test_two_process_run_on_the_real_model(model_cache, tmp_path):
         runs[name] = masks[order], values[order]
     assert np.array_equal(runs["single"][0], runs["double"][0]) and len(runs["single"][0]) >= 6
     assert np.abs(runs["single"][1] - runs["double"][1]).max() <= 1e-6
+
+
+def test_cli_prunes_the_real_model_and_it_reloads(smollm2, model_cache, tmp_path):
+    import copy
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MINILIB_CACHE": str(model_cache), "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "pruned"
+    proc = subprocess.run([sys.executable, "-m", "minilib", "prune", "--model", "smollm2-135m", "--method", "loo_ppl",
+                           "--remove", "3", "--n-seqs", "2", "--seq-len", "32", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "prune_result.json").read_text())
+    assert report["layers_after"] == 27 and len(report["removed"]) == 3
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = ml.layers.prune_layers(copy.deepcopy(smollm2[0]), report["removed"])
+    ids = AutoTokenizer.from_pretrained(out)("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits - expected(input_ids=ids).logits).abs().max()
+    assert len(ml.layers.decoder_layers(reloaded)) == 27 and float(diff) == 0.0
