@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import minilib as ml
+from prefix_tree import stage1_masks  # benchmarks/ is on sys.path when run as a script
 
 
 def build(kind: str, device: str, dtype: torch.dtype):
@@ -47,13 +48,6 @@ def build(kind: str, device: str, dtype: torch.dtype):
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     return model.eval()
-
-
-def stage1_masks(n_layers: int, n_masks: int, seed: int = 0) -> np.ndarray:
-    sizes = ml.pruning.paper_keep_sizes(n_layers)
-    masks = ml.surrogate.sample_stratified_masks(n_layers, n_masks, sizes, rng=seed)
-    masks = np.unique(masks, axis=0)
-    return masks[np.random.default_rng(seed).permutation(len(masks))]
 
 
 def timed(device: str, fn):
@@ -82,7 +76,7 @@ def main() -> None:
           f"L = {n}, on {args.device}, built in {seconds:.1f} s")
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (10, 128), generator=torch.Generator().manual_seed(0)).to(args.device)
-    masks = stage1_masks(n, args.n_masks)
+    masks = stage1_masks(n, args.n_masks, seed=0)
     subset = masks[: args.reference_masks]
     print(f"{len(masks)} distinct masks, strata keep {ml.pruning.paper_keep_sizes(n)}; reference subset {len(subset)}")
     ml.evaluation.LayerGame(model, ids, "neg_loss", engine="forward", mask_batch_size=1)(subset[:2])   # warm-up

@@ -183,14 +183,13 @@ def _masks(args, n_layers: int) -> np.ndarray:
         raise UsageError("--masks", str(err)) from None
 
 
-def _evaluate(args, model, ids) -> int:
+def _evaluate(args, model, ids, state) -> int:
     from .evaluation import LayerGame
     from .layers import decoder_layers
     from .store import open_for_game
 
     if args.store is None:
         raise UsageError("--store", "evaluate writes into a store; give --store PATH.sqlite")
-    state = _process_state(args.device)
     masks = _masks(args, len(decoder_layers(model)))
     main = state is None or state.is_main_process
     if main:
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = _calibration(tokenizer, args)
         if args.command == "prune":
             return _prune(args, model, tokenizer, ids)
-        return _evaluate(args, model, ids)
+        return _evaluate(args, model, ids, state)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .games import Game, as_coalitions
-from .layers import as_keep_mask, decoder_layers, keep_only
+from .layers import as_keep_mask, decoder_layers, keep_only, patched_forwards
 
 UTILITIES = ("ppl_ratio", "neg_loss")
 Utility = Literal["ppl_ratio", "neg_loss"]
@@ -39,8 +39,6 @@ def input_device(model: torch.nn.Module) -> torch.device:
             return p.device
     return torch.device("cpu")
 
-
-_model_device = input_device
 
 MAX_LOGITS = 2 ** 26
 """Largest number of logits (tokens x vocabulary) held at once: 256 MB in float32."""
@@ -85,20 +83,10 @@ def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tenso
 def _inject(model: torch.nn.Module, hidden: torch.Tensor):
     """Make the next forward's decoder stack output ``hidden`` (layer 0 returns it, the rest pass it on)."""
     layers = decoder_layers(model)
-    saved = [(layer, layer.__dict__.get("forward")) for layer in layers]
-    try:
-        for i, layer in enumerate(layers):
-            if i == 0:
-                layer.forward = lambda hs, *a, **k: hidden.to(hs.device)
-            else:
-                layer.forward = lambda hs, *a, **k: hs
+    inject = lambda original: (lambda hs, *a, **k: hidden.to(hs.device))  # noqa: E731
+    skip = lambda original: (lambda hs, *a, **k: hs)                       # noqa: E731
+    with patched_forwards(layers, {i: inject if i == 0 else skip for i in range(len(layers))}):
         yield model
-    finally:
-        for layer, previous in saved:
-            if previous is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = previous
 
 
 @torch.no_grad()
@@ -184,7 +172,7 @@ def perplexity(model: torch.nn.Module, input_ids: torch.Tensor, window: int = 12
     rows = windows(input_ids, window)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = _model_device(model)
+    device = input_device(model)
     total, count = 0.0, 0
     for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", disable=not progress):
         nll = token_nll(model, rows[start: start + batch_size].to(device))
@@ -410,20 +398,14 @@ class _TrieWalker:
         return outs
 
     def dfs(self, k: int, state: torch.Tensor, masks: np.ndarray) -> None:
-        while len(masks) > self.chunk and k < self.n and masks[:, k].all():
-            state = self.run_layer(k, [state])[0]
-            k += 1
-        while len(masks) > self.chunk and k < self.n and not masks[:, k].any():
-            k += 1
         if len(masks) <= self.chunk or k == self.n:
             self.bfs(k, state, masks)
             return
-        if masks[:, k].all() or not masks[:, k].any():
-            self.dfs(k, state, masks)
-            return
         keep = masks[:, k]
-        self.dfs(k + 1, state, masks[~keep])
-        self.dfs(k + 1, self.run_layer(k, [state])[0], masks[keep])
+        if not keep.all():                       # skipping layer k: the state passes on unchanged
+            self.dfs(k + 1, state, masks[~keep])
+        if keep.any():                           # layer k runs once for every mask that keeps it
+            self.dfs(k + 1, self.run_layer(k, [state])[0], masks[keep])
 
     def bfs(self, k: int, state: torch.Tensor, masks: np.ndarray) -> None:
         states = [state]

@@ -138,16 +138,31 @@ def keep_only(model: torch.nn.Module, keep) -> Iterator[torch.nn.Module]:
     """
     layers = decoder_layers(model)
     mask = as_keep_mask(keep, len(layers), batched=True)
+    replace = {}
+    for i in range(len(layers)):
+        column = mask[..., i]
+        if not column.all():
+            row_keep = torch.from_numpy(np.atleast_1d(column).copy()) if mask.ndim == 2 and column.any() else None
+            replace[i] = lambda original, row_keep=row_keep: _masked_forward(original, row_keep)
+    with patched_forwards(layers, replace):
+        yield model
+
+
+@contextlib.contextmanager
+def patched_forwards(layers: torch.nn.ModuleList, replace: dict) -> Iterator[None]:
+    """Temporarily replace ``layers[i].forward`` by ``replace[i](original_forward)`` (chapter 00).
+
+    The one mechanism behind :func:`keep_only` and the head evaluation of
+    :mod:`minilib.evaluation`: an instance-level ``forward`` (accelerate's hooks install one) is
+    wrapped and put back on exit, also when the body raises; a class-level one is uncovered again.
+    """
     saved = []
     try:
-        for i, layer in enumerate(layers):
-            column = mask[..., i]
-            if column.all():
-                continue
-            row_keep = torch.from_numpy(np.atleast_1d(column).copy()) if mask.ndim == 2 and column.any() else None
+        for i, make in replace.items():
+            layer = layers[i]
             saved.append((layer, layer.__dict__.get("forward")))
-            layer.forward = _masked_forward(layer.forward, row_keep)
-        yield model
+            layer.forward = make(layer.forward)
+        yield
     finally:
         for layer, previous in reversed(saved):
             if previous is None:

@@ -81,7 +81,7 @@ def _surrogate_budget(budget, method: str, n: int, keep_sizes) -> int:
     return int(budget)
 
 
-def _shapley_scores(model, input_ids, method: str, rng, budget: int | None, keep_sizes, utility: str,
+def _shapley_scores(model, input_ids, method: str, rng, budget: int, keep_sizes, utility: str,
                     mask_batch_size: int | None, store) -> tuple[np.ndarray, int, dict]:
     from .surrogate import corrected_shapley, paper_pipeline
 
@@ -93,7 +93,6 @@ def _shapley_scores(model, input_ids, method: str, rng, budget: int | None, keep
                              f"got {n} (use 'shapley_surrogate' or 'shapley_surrogate_corrected')")
         table = exact_values(game)
         return exact_shapley(table), game.n_evals, {}
-    budget = _surrogate_budget(budget, method, n, keep_sizes)
     if method == "shapley_surrogate":
         sizes = list(keep_sizes) if keep_sizes is not None else paper_keep_sizes(n)
         result = paper_pipeline(game, budget - game.n_evals, sizes, rng=rng)  # the full model's run counts too
