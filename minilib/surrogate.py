@@ -630,8 +630,20 @@ def corrected_min_budget(n: int, chain_fraction: float = 0.5) -> int:
     return budget
 
 
+def _fill_from_pool(counting: CountingGame, budget: int, sizes, pool, gen: np.random.Generator) -> np.ndarray:
+    """What is left of ``budget`` as distinct ``pool`` masks of the ``sizes`` strata, drawn uniformly (chapter 07)."""
+    n = counting.n_players
+    pool = np.unique(np.asarray(pool, dtype=bool).reshape(-1, n), axis=0)
+    pool = pool[np.isin(pool.sum(axis=1), sizes)]
+    rest = max(0, budget - counting.n_evals)
+    chosen = pool[gen.permutation(len(pool))[:rest]]
+    if len(chosen):
+        counting(chosen)
+    return chosen
+
+
 def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fraction: float = 0.5,
-                      n_samples: int | None = None, **fit_kwargs) -> Estimate:
+                      n_samples: int | None = None, pool=None, **fit_kwargs) -> Estimate:
     """Surrogate Shapley plus an unbiased Monte Carlo correction of its error (chapter 05).
 
     Shapley values are linear in the game, so φ(v) = φ(f) + φ(v − f) for any surrogate f.
@@ -648,6 +660,11 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     through the net, see :func:`default_surrogate_samples`). A budget too small for 4
     antithetic chains (:func:`corrected_min_budget`) raises
     :class:`~minilib.estimators.BudgetTooSmallError`.
+
+    ``pool`` (chapter 07): masks evaluated before, e.g. a shipped stage-1 table behind a
+    store-backed game. The stratified part is then drawn uniformly from the pool's masks of the
+    ``keep_sizes`` strata instead of sampled afresh; each still counts as a real evaluation. The
+    estimate stays unbiased, since the surrogate's training masks never enter the correction.
     """
     counting = CountingGame(game)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -663,7 +680,13 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     prefixes = ranks[:, None, :] < np.arange(n + 1)[None, :, None]           # (2p, n+1, n)
     chain_values = counting(prefixes.reshape(-1, n)).reshape(2 * pairs, n + 1)
     sizes = _check_keep_sizes(keep_sizes if keep_sizes is not None else list(range(1, n)), n)
-    strata = _fill_stratified(counting, budget, sizes, gen)
+    if pool is not None:
+        if np.asarray(pool).ndim != 2 or np.asarray(pool).shape[1] != n or np.asarray(pool).dtype != bool:
+            raise ValueError(f"pool must be a bool array of keep-masks with shape (m, {n}), got "
+                             f"{np.asarray(pool).dtype} array of shape {np.asarray(pool).shape}")
+        strata = _fill_from_pool(counting, budget, sizes, pool, gen)
+    else:
+        strata = _fill_stratified(counting, budget, sizes, gen)
     strata_values = counting(strata) if len(strata) else np.zeros(0)
     fit_kwargs = _improved_fit(chain_values, fit_kwargs)
     fold = np.arange(pairs) % 2

@@ -219,6 +219,37 @@ def test_correction_is_unbiased_with_a_bad_surrogate():
     assert np.abs(plain.mean(axis=0) - exact).max() > 10 * se.max()
 
 
+def test_correction_from_a_pool_is_unbiased_and_only_draws_pool_masks():
+    """A pre-evaluated pool (a shipped table) replaces fresh stratified masks without biasing the estimate."""
+    n, seeds = 5, 150
+    game = interacting_table(n, seed=1)
+    exact = ml.shapley.exact_shapley(game)
+    gen = np.random.default_rng(0)
+    pool = all_coalitions(n)[gen.permutation(2 ** n)[:12]]
+    bad = {"optimizer": "adam", "max_epochs": 1, "output": "linear"}
+    seen: list[np.ndarray] = []
+
+    class Spy:
+        n_players = n
+
+        def __call__(self, masks):
+            seen.append(np.asarray(masks))
+            return game(masks)
+
+    runs = [S.corrected_shapley(Spy(), 64, rng=s, pool=pool, **bad) for s in range(seeds)]
+    est = np.array([r.values for r in runs])
+    se = est.std(axis=0, ddof=1) / np.sqrt(seeds)
+    assert np.all(np.abs(est.mean(axis=0) - exact) <= 3 * se), (est.mean(axis=0) - exact) / se
+    assert max(r.n_evals for r in runs) <= 64
+    # every evaluated mask is a chain prefix (nested sets) or a pool mask of an allowed size
+    pool_keys = {m.tobytes() for m in pool if 1 <= m.sum() <= n - 1}
+    drawn = {m.tobytes() for block in seen for m in block} - {m.tobytes() for m in all_coalitions(n)
+                                                              if m.sum() in (0, n)}
+    assert drawn & pool_keys
+    with pytest.raises(ValueError, match="pool must be a bool array"):
+        S.corrected_shapley(game, 64, rng=0, pool=np.ones((3, n + 1), dtype=bool))
+
+
 def test_budgeted_estimators_respect_budget_and_are_accurate_on_a_smooth_game():
     n = 8
     w = np.linspace(0.1, 0.8, n)
