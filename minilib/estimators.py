@@ -5,12 +5,20 @@ evaluations — distinct coalitions sent to the game, the empty and full coaliti
 and an explicit ``rng``; it plans its samples so that the budget can never be exceeded, sends
 them to the game in large batches (a :class:`~minilib.evaluation.LayerGame` evaluates many
 masks per forward pass) and returns an :class:`Estimate`.
+
+Every sampling estimator here is unbiased for its target (the Shapley value; the semivalue of
+:func:`hamming_semivalue`), including Neyman allocation, whose allocation is cross-fitted so
+that no stratum's own samples decide how many samples it gets. Each reports a standard error
+with the same meaning (see :class:`Estimate`) and degrees of freedom for t intervals; the
+standard error is NaN where the samples cannot estimate it, never 0 by accident.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from math import comb
+from typing import Sequence
 
 import numpy as np
 
@@ -23,9 +31,24 @@ _BATCH = 4096  # coalitions per game call
 class Estimate:
     """An estimate with its uncertainty and its cost (chapter 04).
 
-    ``values`` (n,) and ``stderr`` (n,) (NaN where the method gives none); ``n_evals`` is the
-    number of game evaluations actually spent, never above the budget; ``trace_evals`` (T,)
-    and ``trace_values`` (T, n) record the running estimate as samples accumulated.
+    ``values`` (n,) estimates the exact target of the method: the Shapley value for the Shapley
+    estimators, the semivalue of :func:`hamming_semivalue_exact` for :func:`hamming_semivalue`,
+    the truncated value for a ``sizes`` window of :func:`stratified_shapley`.
+
+    ``stderr`` (n,) means the same for every method: the standard error of ``values`` as an
+    estimate of that exact value over the method's own randomness (its ``rng``), so that
+    ``values ± t·stderr`` is a confidence interval for the exact value. It is NaN where the method
+    gives none or its samples cannot estimate one (e.g. a stratum with a single sample; KernelSHAP
+    and shap's explainers) and 0 only where ``values`` is exact or every sample agreed. It does not
+    include any systematic error the method knows nothing about (a surrogate network's misfit,
+    say).
+
+    ``dof`` is the number of degrees of freedom of ``stderr`` (a scalar or one per player;
+    ``inf``, the default, means a normal quantile), used by :meth:`confidence_interval`.
+    ``n_evals`` is the number of game evaluations actually spent, never above the budget;
+    ``trace_evals`` (T,) and ``trace_values`` (T, n) record the running estimate as samples
+    accumulated. ``player_names`` (optional, n distinct strings) label the players in
+    :meth:`to_dataframe`.
     """
 
     values: np.ndarray
@@ -34,9 +57,66 @@ class Estimate:
     method: str
     trace_evals: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     trace_values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    dof: float | np.ndarray = np.inf
+    player_names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.values = np.asarray(self.values, dtype=float)
+        self.stderr = np.asarray(self.stderr, dtype=float)
+        if self.values.ndim != 1:
+            raise ValueError(f"values must be a 1-D array (one value per player), got shape {self.values.shape}")
+        n = len(self.values)
+        if self.stderr.shape != (n,):
+            raise ValueError(f"stderr must have the shape of values, ({n},), got {self.stderr.shape}")
+        if np.any(self.stderr < 0):
+            raise ValueError("stderr must be >= 0 or NaN (unknown)")
+        dof = np.asarray(self.dof, dtype=float)
+        if dof.shape not in ((), (n,)) or np.any(dof <= 0):
+            raise ValueError(f"dof must be a positive number or an array of {n} (NaN: unknown, inf: normal), "
+                             f"got {self.dof!r}")
+        self.dof = float(dof) if dof.ndim == 0 else dof
+        if self.player_names is not None:
+            names = [str(name) for name in self.player_names]
+            if len(names) != n or len(set(names)) != n:
+                raise ValueError(f"player_names must be {n} distinct names (one per player), got {self.player_names!r}")
+            self.player_names = names
 
     def __repr__(self) -> str:
         return f"Estimate(method={self.method!r}, n_evals={self.n_evals}, values={np.round(self.values, 4)})"
+
+    def confidence_interval(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)`` arrays: ``values ∓ q·stderr`` with q the t quantile for ``dof`` (chapter 04).
+
+        Normal quantile where ``dof`` is infinite; NaN where ``stderr`` (or ``dof``) is NaN.
+        """
+        from scipy.stats import t
+
+        if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) or not 0 < level < 1:
+            raise ValueError(f"level must be a number in (0, 1), e.g. 0.95, got {level!r}")
+        q = t.ppf((1 + level) / 2, self.dof)
+        half = np.where(self.stderr == 0, 0.0, q * self.stderr)   # exact: a zero-width interval
+        return self.values - half, self.values + half
+
+    def ranking(self) -> np.ndarray:
+        """Players ordered least important (smallest value) first, ties by index: the pruning order (chapter 04)."""
+        return np.argsort(self.values, kind="stable")
+
+    def to_dataframe(self, level: float = 0.95):
+        """A ``pandas.DataFrame`` indexed by player (chapter 04).
+
+        Columns ``value``, ``stderr``, ``ci_low``, ``ci_high`` (:meth:`confidence_interval` at
+        ``level``) and ``rank`` (1 = least important, the first to prune; :meth:`ranking`). The
+        index holds ``player_names`` when given, else the player numbers, and is named ``player``.
+        """
+        import pandas as pd
+
+        low, high = self.confidence_interval(level)
+        rank = np.empty(len(self.values), dtype=int)
+        rank[self.ranking()] = np.arange(1, len(self.values) + 1)
+        index = pd.Index(self.player_names if self.player_names is not None else range(len(self.values)),
+                         name="player")
+        return pd.DataFrame({"value": self.values, "stderr": self.stderr, "ci_low": low, "ci_high": high,
+                             "rank": rank}, index=index)
 
 
 class BudgetTooSmallError(ValueError):
@@ -51,11 +131,19 @@ class BudgetTooSmallError(ValueError):
         self.minimum = int(minimum)
 
 
+class AllocationFallbackWarning(UserWarning):
+    """:func:`stratified_shapley` fell back from Neyman to proportional allocation (chapter 04).
+
+    Issued when the budget cannot pay for the pilot samples Neyman allocation needs in every
+    stratum; silence it with ``warnings.simplefilter("ignore", AllocationFallbackWarning)``.
+    """
+
+
 def _check_budget(budget, minimum: int, what: str) -> int:
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
         raise TypeError(f"budget must be an int (game evaluations), got {type(budget).__name__}")
     if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
+        raise ValueError(f"budget must be a positive int (game evaluations), got {budget}")
     if budget < minimum:
         raise BudgetTooSmallError(f"budget={budget} is too small: {what} needs at least {minimum} "
                                   f"game evaluations", minimum)
@@ -97,8 +185,12 @@ def permutation_shapley(game, budget: int, rng=None, antithetic: bool = True) ->
     with its reverse, whose marginals are negatively correlated with the first's; the pair's
     mean is one sample (exact for games with at most pairwise interactions). Needs ``n + 1``
     evaluations (``2n`` when antithetic). Coalitions met twice are evaluated once, so orderings
-    are drawn in rounds until the budget cannot pay for another one.
+    are drawn in rounds until the budget cannot pay for another one. ``stderr`` is the spread of
+    the m independent samples (orderings, or antithetic pairs) over √m, with m − 1 degrees of
+    freedom; NaN when m = 1.
     """
+    if not isinstance(antithetic, (bool, np.bool_)):
+        raise ValueError(f"antithetic must be True or False, got {antithetic!r}")
     counting, gen = _counting(game), _rng(rng)
     n = counting.n_players
     per = 2 if antithetic else 1
@@ -125,10 +217,11 @@ def permutation_shapley(game, budget: int, rng=None, antithetic: bool = True) ->
         evals.extend(_cumulative_distinct(prefixes, seen))
     samples = np.concatenate(rounds)
     trace_evals, trace_values = _running(samples, np.array(evals))
-    m = len(samples)
+    m = len(samples)   # independent samples (orderings or antithetic pairs): t with m - 1 dof
     stderr = samples.std(axis=0, ddof=1) / np.sqrt(m) if m > 1 else np.full(n, np.nan)
     return Estimate(samples.mean(axis=0), stderr, counting.n_evals,
-                    "permutation" + (" (antithetic)" if antithetic else ""), trace_evals, trace_values)
+                    "permutation" + (" (antithetic)" if antithetic else ""), trace_evals, trace_values,
+                    dof=m - 1 if m > 1 else np.nan)
 
 
 def _cumulative_distinct(blocks: np.ndarray, seen: set[bytes]) -> list[int]:
@@ -150,6 +243,30 @@ def _uniform_masks(gen: np.random.Generator, n: int, pool: np.ndarray, size: int
     return masks
 
 
+def _apportion(total: int, share: np.ndarray, owner: np.ndarray, gen: np.random.Generator) -> np.ndarray:
+    """Integer counts summing to ``total`` close to ``total * share``: floors, then the largest
+    remainders. Ties go player by player in a random order of the players (``owner``: each
+    stratum's player), so that strata left with fewer samples gather in few players."""
+    exact = total * share / share.sum()
+    counts = np.minimum(np.floor(exact).astype(int), total)
+    left = total - counts.sum()
+    if left > 0:
+        player_rank = gen.permutation(owner.max() + 1)[owner]
+        order = np.lexsort((gen.random(len(share)), player_rank, -np.round(exact - counts, 12)))
+        counts[order[:left]] += 1
+    return counts
+
+
+def _welch(var_parts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the variance Σ_h v_h of a sum of independent stratum means (NaN if any v_h is) and
+    its Welch–Satterthwaite degrees of freedom (Σ v_h)² / Σ v_h² / (k_h − 1); inf when it is 0."""
+    var = var_parts.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = np.where(counts > 1, var_parts ** 2 / np.maximum(counts - 1, 1), 0.0).sum(axis=1)
+        dof = np.where(var > 0, var ** 2 / denom, np.inf)
+    return var, np.where(np.isnan(var), np.nan, dof)
+
+
 def stratified_shapley(game, budget: int, rng=None, allocation: str = "neyman",
                        sizes=None, pilot: int = 2, defensive: float = 0.1) -> Estimate:
     """Shapley values stratified by coalition size (Maleki et al. 2013) (chapter 04).
@@ -157,33 +274,58 @@ def stratified_shapley(game, budget: int, rng=None, allocation: str = "neyman",
     φ_i = (1/n) Σ_s E[v(S ∪ i) − v(S)] over uniform S ⊆ N∖{i} of size s: one stratum per
     (player, size). The end strata (s = 0 and s = n − 1) hold a single coalition and are
     computed exactly (2n + 2 evaluations). Each middle-stratum sample costs 2 evaluations.
-    ``allocation="proportional"`` gives every stratum the same number of samples;
-    ``"neyman"`` spends ``pilot`` samples per stratum, then the rest in proportion to each
-    stratum's estimated standard deviation, mixed with a ``defensive`` share of uniform
-    allocation so that a stratum whose few pilot samples happened to agree still gets samples.
-    ``sizes`` restricts the estimate to a window of
-    coalition sizes (strata outside it count as 0: a truncated, not a full, Shapley value).
+
+    ``allocation="proportional"`` gives every stratum the same number of samples (one at the
+    minimum budget). ``"neyman"`` first draws ``pilot`` samples in every stratum, then shares the
+    rest in proportion to each stratum's estimated standard deviation, mixed with a
+    ``defensive`` share of uniform allocation so that no stratum is starved. It stays unbiased
+    because the allocation is *cross-fitted*: strata are split like a chessboard by the parity
+    of player + size, each half gets a fixed share of the budget, and a stratum's standard
+    deviation is estimated from the pilots of its neighbours in the other half (the same player
+    at sizes s ± 1, else other players at size s), never from its own samples. All samples,
+    pilots included, then enter the stratum means. When the budget cannot pay for the pilots,
+    Neyman allocation falls back to proportional allocation with an
+    :class:`AllocationFallbackWarning`.
+
+    The minimum budget is ``2 + 2n + 2n(n − 2)`` (one sample per middle stratum), Neyman
+    allocation needs ``2 + 2n + 2·pilot·n(n − 2)``; neither is ever above the number of
+    coalitions the estimator can ask for (2**n for the full window), since coalitions met twice
+    are evaluated once. ``stderr`` is the stratified standard error Σ_h s_h²/k_h over the
+    strata of a player (divided by n²), with Welch–Satterthwaite degrees of freedom; it is NaN
+    for a player with a stratum that holds a single sample. ``sizes`` restricts the estimate to
+    a window of coalition sizes (strata outside it count as 0: a truncated, not a full, Shapley
+    value; values and stderr then refer to that truncated value).
     """
     if allocation not in ("neyman", "proportional"):
         raise ValueError(f"allocation must be 'neyman' or 'proportional', got {allocation!r}")
+    if isinstance(pilot, bool) or not isinstance(pilot, (int, np.integer)) or pilot < 2:
+        raise ValueError(f"pilot must be an int >= 2 (samples per stratum; a variance needs two), got {pilot!r}")
+    if isinstance(defensive, bool) or not isinstance(defensive, (int, float, np.integer, np.floating)) \
+            or not 0 <= defensive <= 1:
+        raise ValueError(f"defensive must be a number in [0, 1] (the uniform share of Neyman allocation), "
+                         f"got {defensive!r}")
     counting, gen = _counting(game), _rng(rng)
     n = counting.n_players
-    window = np.arange(n) if sizes is None else np.unique(np.asarray(sizes, dtype=int))
-    if window.size == 0 or window.min() < 0 or window.max() > n - 1:
-        raise ValueError(f"sizes must be coalition sizes in 0..{n - 1}, got {sizes!r}")
-    middle = [s for s in window if 0 < s < n - 1]
-    ends = [s for s in window if s in (0, n - 1)]
-    first = pilot if allocation == "neyman" else 1
-    if not 0 <= defensive <= 1:
-        raise ValueError(f"defensive must be in [0, 1], got {defensive}")
-    if allocation == "neyman" and pilot < 2:
-        raise ValueError(f"pilot must be >= 2 (a variance needs two samples), got {pilot}")
+    window = np.arange(n) if sizes is None else np.unique(np.asarray(sizes))
+    if window.size == 0 or window.dtype.kind not in "iu" or window.min() < 0 or window.max() > n - 1:
+        raise ValueError(f"sizes must be coalition sizes (ints) in 0..{n - 1}, got {sizes!r}")
+    middle = [int(s) for s in window if 0 < s < n - 1]
+    ends = [int(s) for s in window if s in (0, n - 1)]
+    strata = [(i, s) for i in range(n) for s in middle]
+    n_strata = len(strata)
     fixed = (2 if ends else 0) + n * len(ends)
-    budget = _check_budget(budget, fixed + 2 * first * n * len(middle),
-                           f"stratified_shapley({allocation!r}) with n={n} and {len(middle)} middle sizes")
-    strata_sum = np.zeros((n, n))
-    strata_var = np.zeros((n, n))
-    counts = np.zeros((n, n), dtype=int)
+    touched = {k for s in middle for k in (s, s + 1)} | ({0, n} if ends else set()) \
+        | ({1} if 0 in ends else set()) | ({n - 1} if n - 1 in ends else set())
+    reachable = sum(comb(n, k) for k in touched)  # distinct coalitions the estimator can ever ask for
+    budget = _check_budget(budget, min(fixed + 2 * n_strata, reachable),
+                           f"stratified_shapley with n={n} and {len(middle)} middle sizes (one sample per stratum)")
+    method = f"stratified ({allocation})"
+    if allocation == "neyman" and budget < (needs := min(fixed + 2 * pilot * n_strata, reachable)):
+        warnings.warn(f"stratified_shapley: budget={budget} is below the {needs} evaluations Neyman allocation "
+                      f"needs with n={n} and pilot={pilot}; using proportional allocation",
+                      AllocationFallbackWarning, stacklevel=2)
+        allocation, method = "proportional", "stratified (proportional: budget below Neyman's minimum)"
+    end_sum = np.zeros(n)
     if ends:
         empty, full = np.zeros(n, dtype=bool), np.ones(n, dtype=bool)
         singles, leave_one = np.eye(n, dtype=bool), ~np.eye(n, dtype=bool)
@@ -192,50 +334,73 @@ def stratified_shapley(game, budget: int, rng=None, allocation: str = "neyman",
         vals = _evaluate(counting, coal)
         v0, vn, rest = vals[0], vals[1], vals[2:]
         if 0 in ends:
-            strata_sum[:, 0], counts[:, 0], rest = rest[:n] - v0, 1, rest[n:]
-        if n - 1 in ends:
-            strata_sum[:, n - 1], counts[:, n - 1] = vn - rest[:n], 1
-    samples: dict[tuple[int, int], list[float]] = {(i, s): [] for i in range(n) for s in middle}
+            end_sum, rest = end_sum + rest[:n] - v0, rest[n:]
+        if n - 1 in ends and n > 1:
+            end_sum = end_sum + vn - rest[:n]
+    samples: list[list[float]] = [[] for _ in strata]
 
-    def draw(plan: dict[tuple[int, int], int]) -> None:
+    def draw(plan: np.ndarray) -> None:
         blocks, keys = [], []
-        for (i, s), k in plan.items():
+        for h, k in enumerate(plan.tolist()):
             if k > 0:
+                i, s = strata[h]
                 base = _uniform_masks(gen, n, np.delete(np.arange(n), i), s, k)
                 with_i = base.copy()
                 with_i[:, i] = True
                 blocks += [base, with_i]
-                keys.append(((i, s), k))
+                keys.append((h, k))
         if not blocks:
             return
         vals = _evaluate(counting, np.concatenate(blocks))
         pos = 0
-        for key, k in keys:
-            samples[key].extend((vals[pos + k: pos + 2 * k] - vals[pos: pos + k]).tolist())
+        for h, k in keys:
+            samples[h].extend((vals[pos + k: pos + 2 * k] - vals[pos: pos + k]).tolist())
             pos += 2 * k
 
-    draw({key: first for key in samples})
+    draw(np.full(n_strata, pilot if allocation == "neyman" else 1))
+    owner = np.array([i for i, _ in strata], dtype=int)
+    groups = [(np.arange(n_strata), np.ones(n_strata))]         # (strata, share within the group)
+    if allocation == "neyman" and n_strata:
+        groups = _neyman_groups(strata, samples, pilot, n, defensive)
     spent = -1
-    while (remaining := (budget - counting.n_evals) // 2) >= 1 and samples and counting.n_evals > spent:
+    while (remaining := (budget - counting.n_evals) // 2) >= 1 and n_strata and counting.n_evals > spent:
         spent = counting.n_evals  # a round that finds everything cached ends the loop
-        if allocation == "neyman":
-            sd = np.array([np.std(v, ddof=1) for v in samples.values()])
-            share = sd / sd.sum() if sd.sum() > 0 else np.full(len(sd), 1 / len(sd))
-            share = (1 - defensive) * share + defensive / len(share)
-        else:
-            share = np.full(len(samples), 1 / len(samples))
-        extra = np.floor(share * remaining).astype(int)
-        leftover = remaining - extra.sum()
-        extra[np.argsort(-(share * remaining - extra))[:leftover]] += 1  # largest remainders
-        draw(dict(zip(samples, extra.tolist())))
-    for (i, s), v in samples.items():
-        strata_sum[i, s], counts[i, s] = np.sum(v), len(v)
-        strata_var[i, s] = np.var(v, ddof=1) / len(v) if len(v) > 1 else np.nan
-    means = np.divide(strata_sum, counts, out=np.zeros_like(strata_sum), where=counts > 0)
-    values = means.sum(axis=1) / n
-    stderr = np.sqrt(np.nansum(strata_var, axis=1)) / n
-    return Estimate(values, stderr, counting.n_evals, f"stratified ({allocation})",
-                    np.array([counting.n_evals]), values[None, :])
+        plan, given = np.zeros(n_strata, dtype=int), 0
+        for g, (members, share) in enumerate(groups):   # each group's part of the budget is fixed
+            part = remaining - given if g == len(groups) - 1 else remaining * len(members) // n_strata
+            plan[members] = _apportion(part, share, owner[members], gen)
+            given += part
+        draw(plan)
+    counts = np.array([len(v) for v in samples], dtype=float).reshape(n, len(middle))
+    means = np.array([np.mean(v) for v in samples]).reshape(n, len(middle))
+    var_parts = np.array([np.var(v, ddof=1) / len(v) if len(v) > 1 else np.nan for v in samples]
+                         ).reshape(n, len(middle))
+    values = (end_sum + means.sum(axis=1)) / n
+    var, dof = _welch(var_parts, counts)
+    return Estimate(values, np.sqrt(var) / n, counting.n_evals, method,
+                    np.array([counting.n_evals]), values[None, :], dof=dof)
+
+
+def _neyman_groups(strata: list, samples: list, pilot: int, n: int, defensive: float) -> list:
+    """Cross-fitted Neyman shares: two chessboard halves of the strata, each stratum's standard
+    deviation estimated from its neighbours' pilot samples in the other half."""
+    index = {key: h for h, key in enumerate(strata)}
+    half = np.array([(i + s) % 2 for i, s in strata])
+    pilot_var = np.array([np.var(v[:pilot], ddof=1) for v in samples])
+    sd = np.empty(len(strata))
+    for h, (i, s) in enumerate(strata):
+        nb = [index[(i, t)] for t in (s - 1, s + 1) if (i, t) in index] or \
+             [index[(j, s)] for j in range(n) if (j, s) in index and half[index[(j, s)]] != half[h]]
+        sd[h] = np.sqrt(np.mean(pilot_var[nb])) if nb else np.nan
+    groups = []
+    for g in (0, 1):
+        members = np.flatnonzero(half == g)
+        if members.size == 0:
+            continue
+        s_g = np.nan_to_num(sd[members])
+        share = s_g / s_g.sum() if s_g.sum() > 0 else np.full(members.size, 1 / members.size)
+        groups.append((members, (1 - defensive) * share + defensive / members.size))
+    return groups
 
 
 def strata_moments(game) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +474,9 @@ def hamming_semivalue(game, budget: int, keep_sizes, rng=None) -> Estimate:
     ``keep_sizes``), and for every player i averages v(b with i) − v(b without i) over all base
     masks. One of the two is b itself, so a base mask costs n + 1 evaluations. The result is a
     semivalue with the size weights of :func:`hamming_size_weights`, not the Shapley value:
-    it ranks, but it is not efficient.
+    it ranks, but it is not efficient. ``stderr`` is the stratified standard error for that
+    semivalue (:func:`hamming_semivalue_exact`), with Welch–Satterthwaite degrees of freedom;
+    NaN with a single base mask per stratum.
     """
     counting, gen = _counting(game), _rng(rng)
     n = counting.n_players
@@ -334,10 +501,14 @@ def hamming_semivalue(game, budget: int, keep_sizes, rng=None) -> Estimate:
     trace_evals, trace_values = _running(marginals, np.array(evals))
     per_stratum = len(marginals) // len(sizes)
     # strata hold equal numbers of base masks, so the stratified standard error applies
-    var = sum(marginals[stratum == j].var(axis=0, ddof=1) / per_stratum for j in range(len(sizes))) \
-        / len(sizes) ** 2 if per_stratum > 1 else np.full(n, np.nan)
-    return Estimate(marginals.mean(axis=0), np.sqrt(var), counting.n_evals, "hamming semivalue",
-                    trace_evals, trace_values)
+    if per_stratum > 1:
+        parts = np.stack([marginals[stratum == j].var(axis=0, ddof=1) / per_stratum
+                          for j in range(len(sizes))], axis=1)                      # (n, strata)
+        var, dof = _welch(parts, np.full(parts.shape, per_stratum))
+    else:
+        var, dof = np.full(n, np.nan), np.full(n, np.nan)
+    return Estimate(marginals.mean(axis=0), np.sqrt(var) / len(sizes), counting.n_evals, "hamming semivalue",
+                    trace_evals, trace_values, dof=dof)
 
 
 # --- KernelSHAP through shap -------------------------------------------------------------------
@@ -489,6 +660,8 @@ def budget_needed(sweep, metric: str = "precision", target: float = 1.0, share: 
 
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
+    if metric not in sweep.columns:
+        raise ValueError(f"metric must be a column of sweep, one of {list(sweep.columns)}, got {metric!r}")
     hit = sweep[metric] <= target if lower_is_better else sweep[metric] >= target
     rows = {}
     for name, runs in sweep.assign(hit=hit).groupby("estimator", sort=False):
