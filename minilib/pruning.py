@@ -8,6 +8,7 @@ cost in real model evaluations and seconds. ``python -m minilib prune`` is its c
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -193,3 +194,86 @@ def best_keep_sets(table) -> dict[int, tuple[int, ...]]:
         mask = int(candidates[int(np.argmax(values[candidates]))])
         best[k] = tuple(i for i in range(n) if mask >> i & 1)
     return best
+
+
+SHIPPED_METHOD_LABELS = {
+    "paper": "Shapley via surrogate (paper)", "corrected": "Shapley, surrogate + correction",
+    "loo": "Leave-one-out", "block_influence": "Block Influence (ShortGPT)",
+    "block_influence_angular": "Angular Block Influence", "taylor_plus": "Taylor+", "sleb": "SLEB",
+    "evopress": "Evolutionary search (EvoPress-style)", "surrogate_search": "Surrogate-guided search",
+    "tail": "Drop the last layers", "random": "Random layers"}
+"""Readable names of the methods in a shipped pruning table, in the order tables list them."""
+
+
+@dataclass
+class ShippedPruning:
+    """Every method's choice on a real model, and the choices' losses on calibration and held-out text (chapter 07).
+
+    Built by ``scripts/precompute_pruning_table.py``. ``results`` is its JSON (per method:
+    ``choices`` = {n_remove: removed layers}, a list of such dicts for ``random``, ``n_evals``,
+    scores where the method has them); ``heldout_ids`` the held-out token windows, per split.
+    """
+
+    results: dict
+    heldout_ids: dict
+
+    @property
+    def levels(self) -> list[int]:
+        """The numbers of removed layers the table covers."""
+        return [int(r) for r in self.results["manifest"]["remove"]]
+
+    def choices(self, method: str) -> list[dict[int, tuple[int, ...]]]:
+        """``method``'s removed layers per level, one dict per seed (one seed unless the method is random)."""
+        if method not in SHIPPED_METHOD_LABELS or method not in self.results:
+            raise ValueError(f"method must be one of {[m for m in SHIPPED_METHOD_LABELS if m in self.results]}, "
+                             f"got {method!r}")
+        raw = self.results[method]["choices"]
+        return [{int(r): tuple(c) for r, c in d.items()} for d in (raw if isinstance(raw, list) else [raw])]
+
+    def loss(self, removed, split: str = "test") -> float:
+        """Mean token NLL of the model without ``removed`` on ``split`` (``calibration``, ``validation``, ``test``)."""
+        held = self.results["heldout"]
+        if split not in held["losses"]:
+            raise ValueError(f"split must be one of {sorted(held['losses'])}, got {split!r}")
+        index = {tuple(r): i for i, r in enumerate(held["removed"])}
+        key = tuple(sorted(int(i) for i in removed))
+        if key not in index:
+            raise ValueError(f"removed={list(key)} was not evaluated in the shipped table")
+        return float(held["losses"][split][index[key]])
+
+    def n_evals(self, method: str, n_remove: int) -> int:
+        """Real masked evaluations ``method`` spent to choose ``n_remove`` layers (its setup included)."""
+        entry = self.results[method]
+        per_level = entry.get("n_evals_per_level")
+        if per_level is not None:
+            return int(per_level[str(n_remove)])
+        if method == "surrogate_search":
+            return int(entry["n_evals"] - sum(entry["verify_evals"].values()) + entry["verify_evals"][str(n_remove)])
+        return int(entry["n_evals"])
+
+    def perplexity_frame(self, split: str = "test"):
+        """One row per (method, level): perplexity (mean over seeds), its sd over seeds, real evaluations."""
+        import pandas as pd
+
+        rows = []
+        for method in (m for m in SHIPPED_METHOD_LABELS if m in self.results):
+            for r in self.levels:
+                ppl = np.exp([self.loss(c[r], split) for c in self.choices(method)])
+                rows.append({"method": SHIPPED_METHOD_LABELS[method], "key": method, "removed": r,
+                             "ppl": float(ppl.mean()), "sd": float(ppl.std(ddof=1)) if len(ppl) > 1 else np.nan,
+                             "n_evals": self.n_evals(method, r)})
+        return pd.DataFrame(rows)
+
+
+def load_shipped_pruning(name: str = "smollm2") -> ShippedPruning:
+    """Load a shipped pruning table, e.g. SmolLM2-135M's (``scripts/precompute_pruning_table.py``) (chapter 07)."""
+    from .store import SHIPPED
+
+    folder = SHIPPED / name
+    if not (folder / "pruning.json").is_file():
+        available = sorted(p.parent.name for p in SHIPPED.glob("*/pruning.json"))
+        raise ValueError(f"name: no shipped pruning table {name!r}; available: {available}")
+    results = json.loads((folder / "pruning.json").read_text())
+    with np.load(folder / "heldout_ids.npz") as data:
+        ids = {k: torch.from_numpy(data[k].astype(np.int64)) for k in data.files}
+    return ShippedPruning(results, ids)

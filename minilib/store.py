@@ -441,6 +441,37 @@ class ShippedTable:
             return -self.losses
         raise ValueError(f"utility must be 'ppl_ratio' or 'neg_loss', got {utility!r}")
 
+    def lookup(self, masks, utility: str = "ppl_ratio") -> np.ndarray:
+        """Values of ``masks`` (bool, ``(m, L)``) read from the table; NaN where a mask was not evaluated."""
+        masks = np.atleast_2d(np.asarray(masks, dtype=bool))
+        n = self.masks.shape[1]
+        if masks.shape[1] != n:
+            raise ValueError(f"masks must have {n} columns (one per layer), got shape {masks.shape}")
+        index = dict(zip(mask_keys(self.masks), self.values(utility)))
+        return np.array([index.get(k, np.nan) for k in mask_keys(masks)])
+
+    def pair_interactions(self, utility: str = "ppl_ratio") -> np.ndarray:
+        """Pairwise removal interactions I_ij = v(N∖ij) − v(N∖i) − v(N∖j) + v(N), an ``(L, L)`` matrix (chapter 07).
+
+        Positive: removing both costs *less* than the two single removals add up to (the layers
+        are partly redundant); negative: removing both costs more (they complement each other).
+        Needs the full model, every leave-one-out and every pair in the table; the diagonal is 0.
+        """
+        n = self.masks.shape[1]
+        full = self.lookup(np.ones((1, n), dtype=bool), utility)[0]
+        single = self.lookup(~np.eye(n, dtype=bool), utility)
+        rows, cols = np.triu_indices(n, 1)
+        pairs = np.ones((len(rows), n), dtype=bool)
+        pairs[np.arange(len(rows)), rows] = False
+        pairs[np.arange(len(rows)), cols] = False
+        both = self.lookup(pairs, utility)
+        if np.isnan(both).any() or np.isnan(single).any() or np.isnan(full):
+            raise ValueError("pair_interactions needs the full model, all leave-one-out masks and all pairs "
+                             "in the table")
+        out = np.zeros((n, n))
+        out[rows, cols] = both - single[rows] - single[cols] + full
+        return out + out.T
+
 
 def load_shipped_table(name: str = "smollm2") -> ShippedTable:
     """Load a shipped stage-1 table, e.g. SmolLM2-135M's (``scripts/precompute_stage1.py``) (chapter 07)."""

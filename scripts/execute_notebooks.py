@@ -38,10 +38,17 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 
 
 def execute(path: Path, timeout: int) -> float:
+    """Run a chapter in place; cells tagged ``skip-execution`` (GPU-only, design.md §4) are left unrun, as in the book."""
     nb = nbformat.read(path, as_version=4)
+    skipped = {i: cell.source for i, cell in enumerate(nb.cells)
+               if cell.cell_type == "code" and "skip-execution" in cell.metadata.get("tags", [])}
+    for i in skipped:
+        nb.cells[i].source = ""
     start = time.time()
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
+    for i, source in skipped.items():
+        nb.cells[i].source, nb.cells[i].outputs, nb.cells[i].execution_count = source, [], None
     nbformat.write(clean(nb), path)
     return time.time() - start
 

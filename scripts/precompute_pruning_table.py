@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -146,25 +147,38 @@ def stage_sleb(model, tok, table) -> dict:
                      "seconds": time.perf_counter() - start}}
 
 
-def stage_evopress(model, tok, table) -> dict:
+def stage_evopress(model, tok, table, levels=REMOVE) -> dict:
+    """Evolution per size; ``EVOPRESS_LEVELS=3,6`` runs some sizes only (one process per size runs them in parallel)."""
     n = table.masks.shape[1]
     budget = len(table.masks) // len(REMOVE)
     ids = table.calibration_ids
-    out = {"choices": {}, "n_evals_per_level": {}, "history": {}, "evals_per_stage": {}, "seconds": {}}
-    for r in REMOVE:
-        levels = [ml.evaluation.LayerGame(model, ids[:s], "ppl_ratio", progress=False) for s in (2, 5)]
-        levels.append(CountingGame(full_game(model, table)))
+    out = {"choices": {}, "n_evals_per_level": {}, "history": {}, "evals_per_stage": {}, "seconds": {},
+           "budget_per_level": budget}
+    for r in levels:
+        levels_ = [ml.evaluation.LayerGame(model, ids[:s], "ppl_ratio", progress=False) for s in (2, 5)]
+        levels_.append(CountingGame(full_game(model, table)))
         start = time.perf_counter()
-        res = ml.search.evolutionary_search(levels, n - r, budget, rng=np.random.default_rng(SEED + r))
-        out["choices"][str(r)] = list(res.removed)
+        res = ml.search.evolutionary_search(levels_, n - r, budget, rng=np.random.default_rng(SEED + r))
+        out["choices"][str(r)] = sorted(res.removed)
         out["n_evals_per_level"][str(r)] = res.n_evals
         out["history"][str(r)] = [res.history, res.history_evals]
         out["evals_per_stage"][str(r)] = res.details["evals_per_level"]
         out["seconds"][str(r)] = time.perf_counter() - start
         print(f"evopress remove {r}: {res.removed} value {res.value:.4f} evals {res.n_evals}", flush=True)
-    out["n_evals"] = sum(out["n_evals_per_level"].values())
-    out["budget_per_level"] = budget
     return {"evopress": out}
+
+
+def evopress_results() -> dict | None:
+    """The per-size evolution files merged into one entry (None until every size is done)."""
+    merged: dict = {}
+    for r in REMOVE:
+        path = HERE / f"pruning_evopress_{r}.json"
+        if not path.exists():
+            return None
+        for key, value in json.loads(path.read_text())["evopress"].items():
+            merged.setdefault(key, {}).update(value) if isinstance(value, dict) else merged.update({key: value})
+    merged["n_evals"] = sum(merged["n_evals_per_level"].values())
+    return {"evopress": merged}
 
 
 def stage_stability(model, tok, table) -> dict:
@@ -199,31 +213,41 @@ def heldout_ids(tok) -> dict[str, torch.Tensor]:
 
 def all_choices() -> set[tuple[int, ...]]:
     found: set[tuple[int, ...]] = {()}
-    for stage in ("cheap", "corrected", "sleb", "evopress"):
-        for entry in json.loads((HERE / f"pruning_{stage}.json").read_text()).values():
+    for stage in ("cheap", "corrected", "sleb", *(f"evopress_{r}" for r in REMOVE)):
+        path = HERE / f"pruning_{stage}.json"
+        if not path.exists():
+            print(f"heldout: no {path.name} yet, its choices are left for a later run", flush=True)
+            continue
+        for entry in json.loads(path.read_text()).values():
             for choice in entry["choices"] if isinstance(entry["choices"], list) else [entry["choices"]]:
-                found.update(tuple(v) for v in choice.values())
+                found.update(tuple(sorted(v)) for v in choice.values())
     return found
 
 
 def stage_heldout(model, tok, table) -> dict:
+    """Losses of every choice made so far; choices evaluated by an earlier run are kept, not recomputed."""
     n = table.masks.shape[1]
-    removed = sorted(all_choices(), key=lambda c: (len(c), c))
-    masks = np.ones((len(removed), n), dtype=bool)
-    for row, c in enumerate(removed):
+    path = HERE / "pruning_heldout.json"
+    out = json.loads(path.read_text())["heldout"] if path.exists() else {"removed": [], "losses": {}}
+    done = {tuple(r) for r in out["removed"]}
+    todo = sorted(all_choices() - done, key=lambda c: (len(c), c))
+    masks = np.ones((len(todo), n), dtype=bool)
+    for row, c in enumerate(todo):
         masks[row, list(c)] = False
-    out = {"removed": [list(c) for c in removed], "losses": {}}
     for split, ids in {"calibration": table.calibration_ids, **heldout_ids(tok)}.items():
         start = time.perf_counter()
-        out["losses"][split] = ml.evaluation.mask_losses(model, ids, masks).tolist()
-        print(f"heldout {split}: {len(masks)} masks in {time.perf_counter() - start:.0f} s", flush=True)
+        fresh = ml.evaluation.mask_losses(model, ids, masks).tolist() if len(todo) else []
+        out["losses"][split] = out["losses"].get(split, []) + fresh
+        print(f"heldout {split}: {len(todo)} new masks in {time.perf_counter() - start:.0f} s", flush=True)
+    out["removed"] += [list(c) for c in todo]
     return {"heldout": out}
 
 
 def stage_zeroshot(model, tok, table) -> dict:
     cheap = json.loads((HERE / "pruning_cheap.json").read_text())
-    rest = {k: v for s in ("corrected", "sleb", "evopress") if (HERE / f"pruning_{s}.json").exists()
+    rest = {k: v for s in ("corrected", "sleb") if (HERE / f"pruning_{s}.json").exists()
             for k, v in json.loads((HERE / f"pruning_{s}.json").read_text()).items()}
+    rest.update(evopress_results() or {})
     methods = {**cheap, **rest}
     out: dict = {"dense": ml.zero_shot.local_accuracy(model, tok).acc_norm, "pruned": {}}
     for name, entry in methods.items():
@@ -238,10 +262,11 @@ def stage_zeroshot(model, tok, table) -> dict:
 
 def stage_assemble(model, tok, table) -> dict:
     merged: dict = {}
-    for stage in ("cheap", "corrected", "sleb", "evopress", "stability", "heldout", "zeroshot"):
+    for stage in ("cheap", "corrected", "sleb", "stability", "heldout", "zeroshot"):
         path = HERE / f"pruning_{stage}.json"
         if path.exists():
             merged.update(json.loads(path.read_text()))
+    merged.update(evopress_results() or {})
     merged["manifest"] = {
         "model": "smollm2-135m", "model_fingerprint": table.manifest["model_fingerprint"],
         "calibration_sha256": table.manifest["calibration_sha256"], "remove": list(REMOVE),
@@ -267,9 +292,15 @@ def main() -> None:
     model, tok, table = setup()
     for stage in args.stages:
         start = time.perf_counter()
-        result = STAGES[stage](model, tok, table)
+        name = stage
+        if stage == "evopress" and os.environ.get("EVOPRESS_LEVELS"):
+            levels = [int(r) for r in os.environ["EVOPRESS_LEVELS"].split(",")]
+            result = stage_evopress(model, tok, table, levels)
+            name = f"evopress_{'_'.join(map(str, levels))}"
+        else:
+            result = STAGES[stage](model, tok, table)
         if result:
-            (HERE / f"pruning_{stage}.json").write_text(json.dumps(result, indent=1))
+            (HERE / f"pruning_{name}.json").write_text(json.dumps(result, indent=1))
         print(f"stage {stage} done in {time.perf_counter() - start:.0f} s", flush=True)
 
 

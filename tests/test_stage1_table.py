@@ -40,3 +40,22 @@ def test_random_entries_recompute(table, smollm2):
     game = ml.evaluation.LayerGame(model, table.calibration_ids, "neg_loss", engine="forward")
     fresh = game.losses(table.masks[rows])
     assert np.abs(fresh - table.losses[rows]).max() <= 1e-4, rows
+
+
+def test_lookup_and_pair_interactions_match_the_definition(table):
+    n = table.masks.shape[1]
+    v = table.values("ppl_ratio")
+    rows = np.random.default_rng(0).choice(len(table.masks), 20, replace=False)
+    assert np.array_equal(table.lookup(table.masks[rows]), v[rows])
+    missing = np.zeros((1, n), dtype=bool)                                  # the empty model: not in the table
+    assert np.isnan(table.lookup(missing)).all()
+    inter = table.pair_interactions()
+    assert inter.shape == (n, n) and np.allclose(inter, inter.T) and np.all(np.diag(inter) == 0)
+    i, j = 3, 17
+    def val(*removed):
+        m = np.ones(n, dtype=bool)
+        m[list(removed)] = False
+        return v[np.flatnonzero((table.masks == m).all(axis=1))[0]]
+    assert inter[i, j] == pytest.approx(val(i, j) - val(i) - val(j) + val())
+    with pytest.raises(ValueError, match="masks must have 30 columns"):
+        table.lookup(np.ones((1, 12), dtype=bool))
