@@ -16,8 +16,8 @@ evaluations (distinct masks sent to the game):
 
 Every (estimator, budget, seed) run is scored against the exact values: relative squared error
 ‖φ̂ − φ‖²/‖φ‖² and bottom-3 precision (the share of the three least important layers found).
-Budgets an estimator cannot run at are skipped (stratified needs 506 evaluations, the corrected
-estimator 176).
+Budgets an estimator cannot run at are skipped (stratified sampling needs 266 evaluations on 12 players,
+falling back from Neyman to proportional allocation below 506; the corrected estimator needs 176).
 
 The question (chapter 05): take the smallest budget of the grid at which permutation sampling
 finds the bottom 3 with precision >= 0.8 on average over seeds; how much lower is the corrected
@@ -29,8 +29,8 @@ plus a JSON manifest next to it (versions, seeds, budgets, the table's metadata)
 loads the copy shipped as package data, ``minilib/assets/teaching/surrogate_equal_budget.csv``
 (so that it is there on Colab too); write there to refresh it. One thread
 (``torch.set_num_threads(1)``): the fits are tiny and a 2-core machine runs them faster
-single-threaded. The 20-seed default took 22 minutes on 2 cores shared with other jobs (each
-surrogate fit takes about 1-3 s there; the corrected estimator fits two).
+single-threaded. The 20-seed default took 213 s in the latest run (22 minutes in an earlier one on 2 cores
+shared with other jobs; each surrogate fit takes about 1-3 s; the corrected estimator fits two).
 
 Usage: python benchmarks/equal_budget.py [--seeds 20] [--budgets 100 200 400 800 1600 3200]
        [--out minilib/assets/teaching/surrogate_equal_budget.csv]
