@@ -134,14 +134,30 @@ def _require_lm_eval() -> None:
 
 @contextlib.contextmanager
 def _quiet_lm_eval(verbose: bool) -> Iterator[None]:
+    """lm-eval's log at ERROR unless ``verbose``, and its text progress bars as ``tqdm.auto`` bars.
+
+    lm-eval imports the console ``tqdm``, which in a notebook prints one line per update; its
+    modules' ``tqdm`` is swapped for ``tqdm.auto.tqdm`` (one live bar) while the call runs.
+    """
+    import sys
+
+    import tqdm as console
+    from tqdm.auto import tqdm as auto
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     if not verbose:
         logger.setLevel(logging.ERROR)
+    swapped = [m for name, m in list(sys.modules.items())
+               if name.startswith("lm_eval") and getattr(m, "tqdm", None) is console.tqdm]
+    for module in swapped:
+        module.tqdm = auto
     try:
         yield
     finally:
         logger.setLevel(level)
+        for module in swapped:
+            module.tqdm = console.tqdm
 
 
 def _local_tasks(include_path) -> set[str]:

@@ -27,6 +27,7 @@ charged each distinct mask it asked for (a :class:`~minilib.games.CountingGame`)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -184,7 +185,10 @@ def evopress_results() -> dict | None:
 def stage_stability(model, tok, table) -> dict:
     n = table.masks.shape[1]
     out: dict = {"calibration_seeds": [1, 2, 3, 4], "one_shot": {}, "paper_halves": []}
-    for seed in out["calibration_seeds"]:
+    old = HERE / "pruning_stability.json"
+    if os.environ.get("STABILITY_PAPER_ONLY") and old.exists():   # refit the surrogate halves, keep the rest
+        out["one_shot"] = json.loads(old.read_text())["stability"]["one_shot"]
+    for seed in out["calibration_seeds"] if not out["one_shot"] else []:
         ids = ml.data.calibration_ids(tok, "teaching", n_seqs=10, seq_len=128, seed=seed)
         game = ml.evaluation.LayerGame(model, ids, "ppl_ratio", progress=False)
         row = {"loo": ranking_choices(ml.baselines.leave_one_out(game))["6"]}
@@ -244,29 +248,44 @@ def stage_heldout(model, tok, table) -> dict:
 
 
 def stage_zeroshot(model, tok, table) -> dict:
+    """Local zero-shot accuracy at 6 and 12 removed; ``ZEROSHOT_METHODS=a,b`` scores some methods only."""
     cheap = json.loads((HERE / "pruning_cheap.json").read_text())
     rest = {k: v for s in ("corrected", "sleb") if (HERE / f"pruning_{s}.json").exists()
             for k, v in json.loads((HERE / f"pruning_{s}.json").read_text()).items()}
     rest.update(evopress_results() or {})
     methods = {**cheap, **rest}
-    out: dict = {"dense": ml.zero_shot.local_accuracy(model, tok).acc_norm, "pruned": {}}
-    for name, entry in methods.items():
-        if name == "random":
-            continue
+    wanted = os.environ.get("ZEROSHOT_METHODS")
+    wanted = wanted.split(",") if wanted else [m for m in methods if m not in ("random", "block_influence_angular")]
+    out: dict = {"pruned": {}}
+    if "dense" in wanted:
+        out["dense"] = ml.zero_shot.local_accuracy(model, tok).acc_norm
+    for name in (m for m in wanted if m != "dense"):
         for r in ("6", "12"):
-            pruned = ml.layers.prune_layers(__import__("copy").deepcopy(model), entry["choices"][r])
+            pruned = ml.layers.prune_layers(copy.deepcopy(model), methods[name]["choices"][r])
             out["pruned"].setdefault(name, {})[r] = ml.zero_shot.local_accuracy(pruned, tok).acc_norm
             print(f"zero-shot {name} {r}: {out['pruned'][name][r]:.3f}", flush=True)
     return {"zeroshot": out}
 
 
+def zeroshot_results() -> dict:
+    """Every ``pruning_zeroshot*.json`` merged."""
+    merged: dict = {"pruned": {}}
+    for path in sorted(HERE.glob("pruning_zeroshot*.json")):
+        part = json.loads(path.read_text())["zeroshot"]
+        merged["pruned"].update(part["pruned"])
+        if "dense" in part:
+            merged["dense"] = part["dense"]
+    return {"zeroshot": merged}
+
+
 def stage_assemble(model, tok, table) -> dict:
     merged: dict = {}
-    for stage in ("cheap", "corrected", "sleb", "stability", "heldout", "zeroshot"):
+    for stage in ("cheap", "corrected", "sleb", "stability", "heldout"):
         path = HERE / f"pruning_{stage}.json"
         if path.exists():
             merged.update(json.loads(path.read_text()))
     merged.update(evopress_results() or {})
+    merged.update(zeroshot_results())
     merged["manifest"] = {
         "model": "smollm2-135m", "model_fingerprint": table.manifest["model_fingerprint"],
         "calibration_sha256": table.manifest["calibration_sha256"], "remove": list(REMOVE),
@@ -297,6 +316,9 @@ def main() -> None:
             levels = [int(r) for r in os.environ["EVOPRESS_LEVELS"].split(",")]
             result = stage_evopress(model, tok, table, levels)
             name = f"evopress_{'_'.join(map(str, levels))}"
+        elif stage == "zeroshot" and os.environ.get("ZEROSHOT_METHODS"):
+            result = stage_zeroshot(model, tok, table)
+            name = f"zeroshot_{os.environ['ZEROSHOT_METHODS'].replace(',', '_')}"
         else:
             result = STAGES[stage](model, tok, table)
         if result:
