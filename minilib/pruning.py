@@ -216,6 +216,8 @@ class ShippedPruning:
 
     results: dict
     heldout_ids: dict
+    zero_shot_items: list | None = None
+    """The frozen items of the local zero-shot task the table's accuracies were measured on."""
 
     @property
     def levels(self) -> list[int]:
@@ -276,4 +278,10 @@ def load_shipped_pruning(name: str = "smollm2") -> ShippedPruning:
     results = json.loads((folder / "pruning.json").read_text())
     with np.load(folder / "heldout_ids.npz") as data:
         ids = {k: torch.from_numpy(data[k].astype(np.int64)) for k in data.files}
-    return ShippedPruning(results, ids)
+    items_file = folder / "zero_shot_items.jsonl"
+    items = None
+    if items_file.is_file():
+        from .zero_shot import load_items
+
+        items = load_items(items_file)
+    return ShippedPruning(results, ids, items)

@@ -92,19 +92,24 @@ def continuation_items(split: str = "test", n_items: int = 200, n_choices: int =
 
 
 def write_local_task(folder: str | Path, split: str = "test", n_items: int = 200, n_choices: int = 4,
-                     seed: int = 0, **item_kwargs) -> Path:
+                     seed: int = 0, items: Sequence[dict] | None = None, **item_kwargs) -> Path:
     """Write :data:`LOCAL_TASK` as an lm-eval task folder and return the folder (chapter 07).
 
     The folder holds ``<LOCAL_TASK>.jsonl`` (the items of :func:`continuation_items`) and
     ``<LOCAL_TASK>.yaml``, a ``multiple_choice`` task over it read with ``dataset_path: json``
     and its own ``datasets`` cache inside the folder, so that ``lm_eval`` (``--include_path``
-    on the command line, ``include_path=`` here) scores it with no network.
+    on the command line, ``include_path=`` here) scores it with no network. ``items`` replaces
+    the generated items with given ones (e.g. a shipped, frozen set: :func:`load_items`).
     """
     import yaml
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    items = continuation_items(split, n_items, n_choices, seed, **item_kwargs)
+    if items is None:
+        items = continuation_items(split, n_items, n_choices, seed, **item_kwargs)
+    else:
+        items = _check_items(items)
+        n_items, n_choices, split = len(items), len(items[0]["choices"]), "given"
     data = (folder / f"{LOCAL_TASK}.jsonl").resolve()
     data.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
     config = {
@@ -121,6 +126,30 @@ def write_local_task(folder: str | Path, split: str = "test", n_items: int = 200
     }
     (folder / f"{LOCAL_TASK}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return folder
+
+
+def _check_items(items: Sequence[dict]) -> list[dict]:
+    """``items`` as a list after checking each has a context, equally many choices and a valid label."""
+    items = list(items)
+    if not items:
+        raise ValueError("items must be a non-empty sequence of dicts with 'context', 'choices', 'label'")
+    n_choices = len(items[0].get("choices", ()))
+    for k, item in enumerate(items):
+        if not {"context", "choices", "label"} <= set(item) or len(item["choices"]) != n_choices or n_choices < 2 \
+                or not 0 <= int(item["label"]) < n_choices:
+            raise ValueError(f"items[{k}] must have 'context', {n_choices} 'choices' and a 'label' in "
+                             f"0..{n_choices - 1}, got {item!r:.200}")
+    return items
+
+
+def load_items(path: str | Path) -> list[dict]:
+    """Items of a local task from a JSON-lines file, one ``{context, choices, label}`` per line (chapter 07).
+
+    Shipped item sets freeze a task's text: results computed on them stay reproducible when the
+    corpus that :func:`continuation_items` draws from changes.
+    """
+    with Path(path).open(encoding="utf-8") as f:
+        return _check_items(json.loads(line) for line in f if line.strip())
 
 
 def _require_lm_eval() -> None:
@@ -219,11 +248,13 @@ def zero_shot_accuracy(model, tokenizer, tasks: Sequence[str] = PAPER_TASKS, inc
 
 
 def local_accuracy(model, tokenizer, folder: str | Path | None = None, split: str = "test", n_items: int = 200,
-                   n_choices: int = 4, seed: int = 0, batch_size: int = 8, **kwargs) -> TaskScore:
+                   n_choices: int = 4, seed: int = 0, batch_size: int = 8, items: Sequence[dict] | None = None,
+                   **kwargs) -> TaskScore:
     """Zero-shot accuracy on :data:`LOCAL_TASK`, offline, through :func:`zero_shot_accuracy` (chapter 07).
 
     Writes the task (:func:`write_local_task`) to ``folder`` (a temporary folder if ``None``) and
-    scores it; chance level is ``1 / n_choices``. Other keyword arguments go to
+    scores it; chance level is ``1 / n_choices``. ``items`` scores a given item set instead of
+    generating one from the corpus (:func:`load_items`). Other keyword arguments go to
     :func:`zero_shot_accuracy` (``limit``, ``verbose``).
     """
     import tempfile
@@ -231,6 +262,6 @@ def local_accuracy(model, tokenizer, folder: str | Path | None = None, split: st
     with contextlib.ExitStack() as stack:
         if folder is None:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="minilib-zero-shot-"))
-        write_local_task(folder, split=split, n_items=n_items, n_choices=n_choices, seed=seed)
+        write_local_task(folder, split=split, n_items=n_items, n_choices=n_choices, seed=seed, items=items)
         return zero_shot_accuracy(model, tokenizer, tasks=[LOCAL_TASK], include_path=str(folder),
                                   batch_size=batch_size, **kwargs)[LOCAL_TASK]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
@@ -247,8 +248,14 @@ def stage_heldout(model, tok, table) -> dict:
     return {"heldout": out}
 
 
+ZERO_SHOT_ITEMS = ml.store.SHIPPED / "smollm2" / "zero_shot_items.jsonl"
+"""The frozen items of the local task (200, drawn from the teaching corpus's test split as it was
+when the table was built), so the scores stay reproducible when the corpus is re-split."""
+
+
 def stage_zeroshot(model, tok, table) -> dict:
     """Local zero-shot accuracy at 6 and 12 removed; ``ZEROSHOT_METHODS=a,b`` scores some methods only."""
+    items = ml.zero_shot.load_items(ZERO_SHOT_ITEMS)
     cheap = json.loads((HERE / "pruning_cheap.json").read_text())
     rest = {k: v for s in ("corrected", "sleb") if (HERE / f"pruning_{s}.json").exists()
             for k, v in json.loads((HERE / f"pruning_{s}.json").read_text()).items()}
@@ -258,11 +265,11 @@ def stage_zeroshot(model, tok, table) -> dict:
     wanted = wanted.split(",") if wanted else [m for m in methods if m not in ("random", "block_influence_angular")]
     out: dict = {"pruned": {}}
     if "dense" in wanted:
-        out["dense"] = ml.zero_shot.local_accuracy(model, tok).acc_norm
+        out["dense"] = ml.zero_shot.local_accuracy(model, tok, items=items).acc_norm
     for name in (m for m in wanted if m != "dense"):
         for r in ("6", "12"):
             pruned = ml.layers.prune_layers(copy.deepcopy(model), methods[name]["choices"][r])
-            out["pruned"].setdefault(name, {})[r] = ml.zero_shot.local_accuracy(pruned, tok).acc_norm
+            out["pruned"].setdefault(name, {})[r] = ml.zero_shot.local_accuracy(pruned, tok, items=items).acc_norm
             print(f"zero-shot {name} {r}: {out['pruned'][name][r]:.3f}", flush=True)
     return {"zeroshot": out}
 
@@ -275,6 +282,7 @@ def zeroshot_results() -> dict:
         merged["pruned"].update(part["pruned"])
         if "dense" in part:
             merged["dense"] = part["dense"]
+    merged["items_sha256"] = hashlib.sha256(ZERO_SHOT_ITEMS.read_bytes()).hexdigest()
     return {"zeroshot": merged}
 
 

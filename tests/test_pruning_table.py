@@ -78,3 +78,13 @@ def test_random_heldout_losses_recompute(shipped, smollm2):
     split = "validation"
     fresh = ml.evaluation.mask_losses(model, shipped.heldout_ids[split], keep)[0]
     assert abs(fresh - shipped.loss(pick, split)) <= 1e-4, pick
+
+
+def test_zero_shot_items_are_the_frozen_set_the_table_was_scored_on(shipped):
+    import hashlib
+
+    path = ml.store.SHIPPED / "smollm2" / "zero_shot_items.jsonl"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == shipped.results["zeroshot"]["items_sha256"]
+    items = shipped.zero_shot_items
+    assert len(items) == 200 and {len(i["choices"]) for i in items} == {4}
+    assert len({i["context"] for i in items}) == 200

@@ -116,3 +116,23 @@ def test_removing_layer_0_costs_accuracy(offline, model, tokenizer, task_dir, de
     s = zs.local_accuracy(broken, tokenizer, n_items=N_ITEMS, n_choices=N_CHOICES)
     assert s.n == N_ITEMS
     assert s.acc_norm <= dense_score.acc_norm - MIN_DROP and s.acc <= dense_score.acc - MIN_DROP
+
+
+def test_given_items_are_written_as_they_are(tmp_path):
+    items = zs.continuation_items(n_items=5, n_choices=3, seed=4)
+    folder = zs.write_local_task(tmp_path, items=items)
+    assert zs.load_items(folder / f"{zs.LOCAL_TASK}.jsonl") == items
+    config = yaml.safe_load((folder / f"{zs.LOCAL_TASK}.yaml").read_text())
+    assert config["metadata"]["n_items"] == 5 and config["metadata"]["n_choices"] == 3
+
+
+@pytest.mark.parametrize("items", [
+    [],
+    [{"context": "a", "choices": ["x", "y"]}],                               # no label
+    [{"context": "a", "choices": ["x", "y"], "label": 2}],                   # label out of range
+    [{"context": "a", "choices": ["x", "y"], "label": 0},
+     {"context": "b", "choices": ["x", "y", "z"], "label": 0}],              # unequal numbers of choices
+])
+def test_bad_items_are_refused(tmp_path, items):
+    with pytest.raises(ValueError, match="items"):
+        zs.write_local_task(tmp_path, items=items)
