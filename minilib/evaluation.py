@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .games import Game, as_coalitions
-from .layers import as_keep_mask, decoder_layers, keep_only, patched_forwards
+from .layers import as_keep_mask, decoder_layers, keep_only, map_per_row, patched_forwards
 
 UTILITIES = ("ppl_ratio", "neg_loss")
 Utility = Literal["ppl_ratio", "neg_loss"]
@@ -357,15 +357,16 @@ def _capture_layer_calls(model: torch.nn.Module, input_ids: torch.Tensor):
     return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
 
 
-def _tile(value, copies: int, batch: int):
-    """Repeat the batch axis of captured layer inputs for ``copies`` stacked states."""
+def _tile(forward, args: tuple, kwargs: dict, copies: int, batch: int) -> tuple[tuple, dict]:
+    """A captured layer call's arguments for ``copies`` stacked copies of its calibration batch.
+
+    Only the per-row arguments (:data:`~minilib.layers.PER_ROW_ARGUMENTS`: attention mask, position
+    ids and embeddings, ...) are repeated along their batch axis, inside tuples and dicts too;
+    size-1 ones broadcast and everything else (flags, the cache, other tensors) is passed as is.
+    """
     if copies == 1:
-        return value
-    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch and batch > 1:
-        return value.repeat(copies, *([1] * (value.ndim - 1)))
-    if isinstance(value, tuple):
-        return tuple(_tile(v, copies, batch) for v in value)
-    return value
+        return args, kwargs
+    return map_per_row(forward, args, kwargs, lambda t: t.repeat(copies, *([1] * (t.ndim - 1))), batch)
 
 
 class _TrieWalker:
@@ -390,8 +391,8 @@ class _TrieWalker:
             part = states[start: start + per_call]
             x = part[0] if len(part) == 1 else torch.cat([s.to(part[0].device) for s in part])
             m = len(part)
-            out = self.layers[k](x, *_tile(args, m, self.batch),
-                                 **{key: _tile(v, m, self.batch) for key, v in kwargs.items()})
+            call_args, call_kwargs = _tile(self.layers[k].forward, args, kwargs, m, self.batch)
+            out = self.layers[k](x, *call_args, **call_kwargs)
             out = out[0] if isinstance(out, tuple) else out
             outs.extend(out.split(self.batch) if m > 1 else [out])
         self.layer_forwards += len(states)

@@ -11,6 +11,7 @@ zero-and-restore method, kept only as the reference that tests and benchmarks co
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -90,13 +91,62 @@ def as_keep_mask(keep, n_layers: int, name: str = "keep", allow_empty: bool = Tr
     return arr
 
 
-def _take_rows(value, rows: torch.Tensor, batch: int):
-    """Index the batch axis of tensors that have one (ndim >= 2, first dim == batch)."""
-    if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch:
-        return value.index_select(0, rows.to(value.device))
-    if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return tuple(_take_rows(v, rows, batch) for v in value)
-    return value
+PER_ROW_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings", "encoder_hidden_states",
+                     "encoder_attention_mask")
+"""Decoder-layer arguments (besides ``hidden_states``) that hold one slice per batch row (chapter 00).
+
+Each tensor inside them (also inside tuples, lists and dicts, e.g. the ``(cos, sin)`` pair of
+``position_embeddings``) has the batch on its first axis, or size 1 there when every row shares
+it (``position_ids`` of shape ``(1, T)``). Every other argument (the cache, flags, anything a
+model passes through ``**kwargs``) is the same for all rows and is never split or repeated.
+"""
+
+
+def _positional_names(forward, n_args: int) -> list[str | None]:
+    """Names of a layer forward's positional arguments after ``hidden_states`` (``None`` where unknown)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):   # a builtin or C-level callable: no names to go by
+        params = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names: list[str | None] = []
+    for p in params[1:]:
+        if p.kind not in positional:
+            break
+        names.append(p.name)
+    return (names + [None] * n_args)[:n_args]
+
+
+def _map_rows(name: str, value, fn, batch: int):
+    """Apply ``fn`` to every batch-major tensor of the per-row argument ``name`` (tuples, lists, dicts too)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 or value.shape[0] not in (1, batch):
+            raise ValueError(f"{name}: a per-row argument needs the batch ({batch}) or 1 on its first axis, "
+                             f"got shape {tuple(value.shape)}")
+        return fn(value) if value.shape[0] == batch else value   # size 1: shared by every row
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_rows(name, v, fn, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_rows(name, v, fn, batch) for k, v in value.items()}
+    raise TypeError(f"{name}: cannot split a {type(value).__name__} by batch rows; per-row masks need "
+                    f"tensors here (e.g. attn_implementation='sdpa' or 'eager', not 'flex_attention')")
+
+
+def map_per_row(forward, args: tuple, kwargs: dict, fn, batch: int) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a decoder-layer call with ``fn`` applied to its per-row tensors (chapter 00).
+
+    ``args`` are the positional arguments after ``hidden_states``, named through ``forward``'s
+    signature; only :data:`PER_ROW_ARGUMENTS` are touched, and in them only tensors whose first
+    axis is ``batch`` (size-1 ones broadcast over the rows and stay as they are). How
+    :func:`keep_only` gives a layer a subset of the rows and how
+    :func:`~minilib.evaluation.evaluate_masks` stacks several copies of one calibration batch.
+    """
+    names = _positional_names(forward, len(args))
+    new_args = tuple(_map_rows(n, a, fn, batch) if n in PER_ROW_ARGUMENTS else a for n, a in zip(names, args))
+    new_kwargs = {k: _map_rows(k, v, fn, batch) if k in PER_ROW_ARGUMENTS else v for k, v in kwargs.items()}
+    return new_args, new_kwargs
 
 
 def _masked_forward(original, row_keep: torch.Tensor | None):
@@ -114,14 +164,15 @@ def _masked_forward(original, row_keep: torch.Tensor | None):
         if bool(row_keep.all()):
             return original(hidden_states, *args, **kwargs)
         rows = row_keep.nonzero().flatten().to(hidden_states.device)
-        sub_args = [_take_rows(a, rows, batch) for a in args]
-        sub_kwargs = {k: _take_rows(v, rows, batch) for k, v in kwargs.items()}
+        sub_args, sub_kwargs = map_per_row(original, args, kwargs,
+                                           lambda t: t.index_select(0, rows.to(t.device)), batch)
         out = original(hidden_states.index_select(0, rows), *sub_args, **sub_kwargs)
         first = out[0] if isinstance(out, tuple) else out
         # under accelerate's device_map the layer may have run on another device than its input
         merged = hidden_states.to(first.device).index_copy(0, rows.to(first.device), first.to(hidden_states.dtype))
         return (merged, *out[1:]) if isinstance(out, tuple) else merged
 
+    forward.__wrapped__ = original   # inspect.signature (and map_per_row) see the layer's own argument names
     return forward
 
 

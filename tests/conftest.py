@@ -7,6 +7,7 @@ Fixtures that hand out a *shared* model must never see it modified: tests that p
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -101,31 +102,34 @@ def rng() -> np.random.Generator:
 TINY_VOCAB = 100
 
 
-def _tiny(kind: str) -> torch.nn.Module:
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                vocab_size=TINY_VOCAB, max_position_embeddings=64)
+_TOKENS = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)   # inside the tiny vocabulary
+
+
+def tiny_model(kind: str, n_layers: int = 3, **overrides) -> torch.nn.Module:
+    """A random causal LM of architecture ``kind`` with ``n_layers`` layers and hidden size 32.
+
+    ``overrides`` go to the config (e.g. ``sliding_window=4``). Weights are drawn with std 0.3
+    (the default 0.02 makes blocks nearly invisible), so "skipping a layer changes the logits" is
+    a meaningful, checkable property.
+    """
     import transformers as tf
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = tf.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=TINY_VOCAB, n_positions=64,
-                            bos_token_id=0, eos_token_id=0)
+        cfg = tf.GPT2Config(n_layer=n_layers, n_embd=32, n_head=2, vocab_size=TINY_VOCAB, n_positions=64,
+                            bos_token_id=0, eos_token_id=0, **overrides)
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "opt":
-        cfg = tf.OPTConfig(num_hidden_layers=3, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+        cfg = tf.OPTConfig(num_hidden_layers=n_layers, hidden_size=32, ffn_dim=64, num_attention_heads=2,
                            vocab_size=TINY_VOCAB, word_embed_proj_dim=32, max_position_embeddings=64,
-                           bos_token_id=0, eos_token_id=0, pad_token_id=1)
+                           bos_token_id=0, eos_token_id=0, pad_token_id=1, **overrides)
         model = tf.OPTForCausalLM(cfg)
-    elif kind == "mistral":
-        cfg = tf.MistralConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                               num_key_value_heads=1, vocab_size=TINY_VOCAB, max_position_embeddings=64)
-        model = tf.MistralForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = tf.Qwen2Config(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                             num_key_value_heads=1, vocab_size=TINY_VOCAB, max_position_embeddings=64)
-        model = tf.Qwen2ForCausalLM(cfg)
-    else:  # pragma: no cover - a typo in a test
-        raise KeyError(kind)
-    # Default initialisation (std 0.02) makes blocks nearly invisible; larger weights make
-    # "skipping a layer changes the logits" a meaningful, checkable property.
+    else:
+        config_class, model_class, extra = _LLAMA_LIKE[kind]
+        cfg = getattr(tf, config_class)(num_hidden_layers=n_layers, **{**_DECODER, **_TOKENS, **extra, **overrides})
+        model = getattr(tf, model_class)(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
@@ -133,13 +137,30 @@ def _tiny(kind: str) -> torch.nn.Module:
     return model.eval()
 
 
-TINY_KINDS = ("gpt2", "opt", "mistral", "qwen2")
+_LLAMA_LIKE = {  # kind -> (config class, model class, config settings beyond _DECODER)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+}
+
+
+TINY_KINDS = ("gpt2", "opt", "mistral", "qwen2", "gemma", "gemma3", "phi3", "olmo", "mixtral")
 
 
 @pytest.fixture(scope="session", params=TINY_KINDS)
 def tiny(request) -> tuple[str, torch.nn.Module]:
     """``(kind, model)``: a 3-layer random causal LM of a non-teaching architecture."""
-    return request.param, _tiny(request.param)
+    return request.param, tiny_model(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,10 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 import minilib as ml
+from conftest import TINY_VOCAB, logits_of, max_abs_diff, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +50,51 @@ def test_exact_values_fills_the_game_cache(small_game):
     assert game.n_evals == before  # answered from the cache
 
 
+def zeroed_losses(model, ids, masks) -> np.ndarray:
+    """The paper's reference, independent of skipping and of the prefix walk: one full forward per
+    mask with the dropped layers' weights zeroed."""
+    out = []
+    for keep in masks:
+        with ml.layers.zero_layers(model, ~keep):
+            out.append(float(ml.evaluation.token_nll(model, ids).double().mean()))
+    return np.array(out)
+
+
 def test_prefix_shared_on_other_architectures(tiny, tiny_ids):
+    """Gemma, Gemma 3, Phi-3, OLMo, Mixtral, ... (conftest.TINY_KINDS), 3 layers: all 8 masks."""
     kind, model = tiny
-    game = ml.evaluation.LayerGame(model, tiny_ids, utility="neg_loss")
-    table = ml.evaluation.exact_values(game, progress=False)
-    independent = ml.evaluation.LayerGame(model, tiny_ids, utility="neg_loss")(ml.games.all_coalitions(3))
-    assert np.abs(table.values - independent).max() <= 1e-5, kind
+    masks = ml.games.all_coalitions(3)
+    table = ml.evaluation.exact_values(ml.evaluation.LayerGame(model, tiny_ids, utility="neg_loss"), progress=False)
+    reference = -zeroed_losses(model, tiny_ids, masks)
+    assert np.abs(table(masks) - reference).max() <= 1e-5, kind
+    assert np.ptp(reference) > 1e-2, kind                  # the masks matter, so the match means something
+
+
+WINDOWED = {  # kind -> config making some of 4 layers attend to the last 4 tokens only
+    "mistral": {"sliding_window": 4},                                  # every layer
+    "gemma2": {"sliding_window": 4},                                   # layers 0 and 2
+    "gemma3": {"sliding_window": 4, "sliding_window_pattern": 2},      # layers 0 and 2
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2},   # layers 2 and 3
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WINDOWED))
+def test_prefix_shared_with_an_active_sliding_window(kind):
+    """16 tokens against a window of 4: the window changes the model, and the prefix walk (which replays
+    each layer's recorded attention mask) still equals the zero-weights reference on all 16 masks."""
+    settings = WINDOWED[kind]
+    model = tiny_model(kind, 4, **settings)
+    full = tiny_model(kind, 4, **{**settings, "sliding_window": 64})    # the same weights, no window in reach
+    full.load_state_dict(model.state_dict())
+    ids = torch.randint(0, TINY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    assert max_abs_diff(logits_of(model, ids), logits_of(full, ids)) > 1e-2, "the window does not act"
+    masks = ml.games.all_coalitions(4)
+    table = ml.evaluation.exact_values(ml.evaluation.LayerGame(model, ids, utility="neg_loss"), progress=False)
+    assert np.abs(table(masks) + zeroed_losses(model, ids, masks)).max() <= 1e-5
+    assert table.metadata["layer_forwards"] == 2 ** 4 - 1
+    without_window = ml.evaluation.exact_values(ml.evaluation.LayerGame(full, ids, utility="neg_loss"),
+                                                progress=False)
+    assert np.abs(table.values - without_window.values).max() > 1e-3
 
 
 def test_bfs_levels_out_of_range(small_game):

@@ -19,7 +19,8 @@ import torch
 import transformers as tf
 
 import minilib as ml
-from conftest import assert_no_forward_overrides, assert_same_state, logits_of, max_abs_diff, snapshot
+from conftest import (TINY_VOCAB, assert_no_forward_overrides, assert_same_state, logits_of, max_abs_diff, snapshot,
+                      tiny_model)
 
 TOL = 1e-5
 
@@ -43,14 +44,13 @@ def test_decoder_layers_of_teaching_model(model, n_layers):
     assert n_layers == model.config.num_hidden_layers == 12
 
 
-LAYER_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers", "mistral": "model.layers",
-               "qwen2": "model.layers"}
+LAYER_PATHS = {"gpt2": "transformer.h", "opt": "model.decoder.layers"}   # the rest: model.layers
 
 
 def test_decoder_layers_of_other_architectures(tiny):
     kind, model = tiny
     expected = model
-    for part in LAYER_PATHS[kind].split("."):
+    for part in LAYER_PATHS.get(kind, "model.layers").split("."):
         expected = getattr(expected, part)
     assert ml.layers.decoder_layers(model) is expected
     assert len(expected) == 3
@@ -214,6 +214,50 @@ def test_batched_mask_rows_must_match_batch(model, calib_ids, n_layers):
         with pytest.raises(ValueError, match="rows"):
             logits_of(model, calib_ids)
     assert_no_forward_overrides(model)
+
+
+def test_batched_masks_split_only_per_row_arguments(tiny_ids):
+    """Per-row position ids are split with the rows; a tensor the model merely passes through to its
+    layers is not, even when its first dimension happens to equal the batch (3)."""
+    model = tiny_model("llama", 3)
+    extra = torch.arange(15.0).view(3, 5)                      # unrelated: 3 rows only by coincidence
+    position_ids = torch.arange(12)[None] + torch.tensor([[0], [5], [9]])
+    seen = {}
+    attention = ml.layers.decoder_layers(model)[1].self_attn
+    handle = attention.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    masks = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 0]], dtype=bool)   # layer 1 runs on rows 0 and 2
+    try:
+        with ml.layers.keep_only(model, masks):
+            batched = logits_of(model, tiny_ids, position_ids=position_ids, extra=extra)
+    finally:
+        handle.remove()
+    assert torch.equal(seen["extra"], extra)
+    assert seen["hidden_states"].shape[0] == 2 and seen["position_embeddings"][0].shape[0] == 2
+    for row, keep in enumerate(masks):
+        with ml.layers.keep_only(model, keep):
+            alone = logits_of(model, tiny_ids[row: row + 1], position_ids=position_ids[row: row + 1])
+        assert max_abs_diff(batched[row], alone[0]) <= TOL, row
+
+
+def test_map_per_row_recurses_and_refuses_what_it_cannot_split():
+    def layer(hidden_states, attention_mask=None, cache=None, position_embeddings=None, **kwargs):
+        pass
+
+    rows = torch.tensor([0, 2])
+    take = lambda t: t.index_select(0, rows)  # noqa: E731
+    mask, table = torch.rand(3, 1, 4, 4), torch.rand(3, 3)
+    cos, shared = torch.rand(3, 4, 2), torch.rand(1, 4, 2)
+    args, kwargs = ml.layers.map_per_row(layer, (mask, table), {"position_embeddings": {"local": (cos, shared)},
+                                                                "position_ids": [torch.arange(4)[None]],
+                                                                "lookup": table}, take, batch=3)
+    assert torch.equal(args[0], mask[[0, 2]]) and args[1] is table           # the cache slot is not per-row
+    local = kwargs["position_embeddings"]["local"]
+    assert isinstance(local, tuple) and torch.equal(local[0], cos[[0, 2]]) and local[1] is shared
+    assert kwargs["position_ids"][0].shape == (1, 4) and kwargs["lookup"] is table
+    with pytest.raises(ValueError, match="attention_mask.*batch \\(3\\) or 1.*\\(4, 4\\)"):
+        ml.layers.map_per_row(layer, (), {"attention_mask": torch.rand(4, 4)}, take, batch=3)
+    with pytest.raises(TypeError, match="attention_mask.*object"):
+        ml.layers.map_per_row(layer, (), {"attention_mask": object()}, take, batch=3)
 
 
 # ---------------------------------------------------------------- prune_layers

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import minilib as ml
+from conftest import tiny_model
 
 TOL = 1e-5
 
@@ -37,22 +38,14 @@ def independent_losses(model, ids, masks) -> np.ndarray:
     return np.array(out)
 
 
-def _tiny(kind: str) -> torch.nn.Module:
-    import transformers as tf
+HEADS = {  # kind -> a head that is more than lm_head(norm(h))
+    "granite": {"logits_scaling": 4.0, "residual_multiplier": 0.5, "embedding_multiplier": 3.0},
+    "gemma2": {"final_logit_softcapping": 5.0},
+}
 
-    torch.manual_seed(0)
-    common = dict(num_hidden_layers=5, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                  num_key_value_heads=1, vocab_size=100, max_position_embeddings=64)
-    if kind == "granite":   # scales logits by 1/logits_scaling in its own forward
-        model = tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=4.0, residual_multiplier=0.5,
-                                                       embedding_multiplier=3.0))
-    else:                    # gemma2: soft-caps the final logits
-        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=16, final_logit_softcapping=5.0))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
+
+def _tiny(kind: str) -> torch.nn.Module:
+    return tiny_model(kind, 5, **HEADS[kind])
 
 
 @pytest.mark.parametrize("mask_batch_size", [1, 5, 64])
@@ -94,6 +87,26 @@ def test_duplicates_order_and_empty_input(model, calib_ids, n_layers):
         ml.evaluation.evaluate_masks(model, ids, masks[:, :3])
     with pytest.raises(ValueError, match="mask_batch_size"):
         ml.evaluation.evaluate_masks(model, ids, masks, mask_batch_size=0)
+
+
+def test_stacked_states_repeat_only_per_row_arguments(tiny_ids):
+    """States of several masks go through a layer stacked, so the recorded per-row arguments are
+    repeated; a tensor the model merely passes to its layers, with 3 rows like the batch, is not."""
+    model = tiny_model("llama", 3)
+    extra = torch.arange(15.0).view(3, 5)
+    seen = []
+    add_extra = model.model.register_forward_pre_hook(lambda m, a, k: (a, {**k, "extra": extra}), with_kwargs=True)
+    spy = ml.layers.decoder_layers(model)[2].self_attn.register_forward_pre_hook(
+        lambda m, a, k: seen.append((k["hidden_states"].shape[0], k["extra"])), with_kwargs=True)
+    masks = ml.games.all_coalitions(3)
+    try:
+        losses = ml.evaluation.mask_losses(model, tiny_ids, masks, mask_batch_size=8)
+    finally:
+        add_extra.remove()
+        spy.remove()
+    assert max(rows for rows, _ in seen) == 4 * 3              # four prefixes reach layer 2 together
+    assert all(torch.equal(e, extra) for _, e in seen)
+    assert np.abs(losses - independent_losses(model, tiny_ids, masks)).max() <= TOL
 
 
 @pytest.mark.parametrize("kind", ["granite", "gemma2"])
