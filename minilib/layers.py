@@ -19,8 +19,9 @@ import torch
 
 # config.model_type -> attribute path of the decoder-layer ModuleList
 _LAYER_PATHS: dict[str, str] = {
-    **{t: "model.layers" for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
-                                   "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite")},
+    **{t: "model.layers" for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe",
+                                   "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite",
+                                   "smollm3")},
     "gpt2": "transformer.h",
     "opt": "model.decoder.layers",
 }
@@ -269,10 +270,12 @@ def prune_layers(model: torch.nn.Module, drop) -> torch.nn.Module:
     """Delete the ``drop`` layers for good, in place, and return the model (chapter 00).
 
     Besides removing the modules, it renumbers each remaining layer's ``layer_idx`` (used by the
-    KV cache), sets ``config.num_hidden_layers`` and shortens every per-layer list in the config
-    (e.g. ``layer_types``), so that ``save_pretrained`` then ``from_pretrained`` rebuilds exactly
-    this model: without the config update, reloading would create the old number of layers and
-    fill the missing ones with random weights.
+    KV cache), sets ``config.num_hidden_layers`` and updates the config's known per-layer keys
+    (``layer_types``, ``no_rope_layers``, the indices in ``mlp_only_layers``, the
+    ``max_window_layers`` threshold, ...; see :func:`_shorten_config`), so that
+    ``save_pretrained`` then ``from_pretrained`` rebuilds exactly this model: without the config
+    update, reloading would create the old number of layers and fill the missing ones with random
+    weights. Other lists in the config (e.g. ``eos_token_id``) are never touched.
     """
     layers = decoder_layers(model)
     n_before = len(layers)
@@ -308,14 +311,57 @@ def _check_renumbering_is_faithful(config, n_before: int, dropped: set[int]) -> 
                              f"only trailing layers can be removed (use keep_only to skip others)")
 
 
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "mlp_layer_types", "sliding_window_pattern")
+"""Config lists with one entry per layer (chapter 00): ``layer_types`` (Qwen2, Qwen3, Gemma2, Gemma3,
+OLMo3, Ministral, SmolLM3, ...), ``no_rope_layers`` (SmolLM3, Llama 4: 1 = RoPE, 0 = NoPE),
+``mlp_layer_types`` (dense/sparse per layer) and ``sliding_window_pattern`` when it is a list (as an
+int or a string it is a period that only builds ``layer_types``, which the config then holds, and
+is left alone). Entries past the last layer (Llama 4 allows a longer ``no_rope_layers``) stay."""
+
+LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers")
+"""Config lists of layer *indices* (chapter 00): ``mlp_only_layers`` (Qwen2-MoE, Qwen3-MoE: dense
+layers) and ``moe_layers`` (Llama 4). Removed layers leave them; the rest are renumbered."""
+
+LAYER_COUNT_KEYS = ("max_window_layers",)
+"""Config thresholds k meaning "layers with index < k" (chapter 00): ``max_window_layers`` (Qwen2,
+Qwen3, Qwen2-MoE: which layers use sliding-window attention). Lowered by the removed layers below k."""
+
+
 def _shorten_config(config, n_before: int, dropped: set[int]) -> None:
-    """Update the layer count and drop the removed layers' entries of per-layer config lists."""
-    n_after = n_before - len(dropped)
-    for key, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == n_before and not key.startswith("_"):
+    """Update the layer count and the per-layer keys of ``config`` (and of its text config) after a pruning.
+
+    Only the known keys change (:data:`PER_LAYER_KEYS`, :data:`LAYER_INDEX_KEYS`,
+    :data:`LAYER_COUNT_KEYS`, and ``decoder_sparse_step``); any other list, e.g. a 3-layer model's
+    ``eos_token_id=[1, 2, 7]``, is left exactly as it was.
+    """
+    kept = [i for i in range(n_before) if i not in dropped]
+    new_index = {old: new for new, old in enumerate(kept)}
+    _keep_sparse_layers(config, n_before)
+    for key in PER_LAYER_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) >= n_before:
             setattr(config, key, type(value)(v for i, v in enumerate(value) if i not in dropped))
-    config.num_hidden_layers = n_after
+    for key in LAYER_INDEX_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)):
+            setattr(config, key, type(value)(new_index[int(i)] for i in value if int(i) in new_index))
+    for key in LAYER_COUNT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, key, value - sum(1 for i in dropped if i < value))
+    config.num_hidden_layers = n_before - len(dropped)
     sub = getattr(config, "get_text_config", None)
     text_config = sub() if callable(sub) else None
     if text_config is not None and text_config is not config:
         _shorten_config(text_config, n_before, dropped)
+
+
+def _keep_sparse_layers(config, n_before: int) -> None:
+    """Qwen-MoE's ``decoder_sparse_step`` s makes layer i sparse when (i + 1) % s == 0: a rule on the index
+    that renumbering breaks. Replace it by s = 1 and list every kept dense layer in ``mlp_only_layers``."""
+    step = getattr(config, "decoder_sparse_step", None)
+    if not isinstance(step, int) or step <= 1 or not hasattr(config, "mlp_only_layers"):
+        return
+    dense = set(config.mlp_only_layers or ())
+    config.mlp_only_layers = [i for i in range(n_before) if i in dense or (i + 1) % step != 0]
+    config.decoder_sparse_step = 1

@@ -147,6 +147,8 @@ _LLAMA_LIKE = {  # kind -> (config class, model class, config settings beyond _D
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
     "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16}),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
@@ -154,7 +156,8 @@ _LLAMA_LIKE = {  # kind -> (config class, model class, config settings beyond _D
 }
 
 
-TINY_KINDS = ("gpt2", "opt", "mistral", "qwen2", "gemma", "gemma3", "phi3", "olmo", "mixtral")
+TINY_KINDS = ("gpt2", "opt", "mistral", "qwen2", "gemma", "gemma3", "phi3", "olmo", "mixtral", "qwen2_moe", "qwen3_moe",
+              "smollm3")
 
 
 @pytest.fixture(scope="session", params=TINY_KINDS)

@@ -330,15 +330,86 @@ def test_prune_accepts_bool_mask(model, calib_ids, n_layers):
 
 def test_prune_shortens_per_layer_config_lists(model, n_layers, tmp_path):
     pruned = copy.deepcopy(model)
-    pruned.config.layer_types = ["full_attention"] * n_layers
-    pruned.config.per_layer_marker = list(range(n_layers))     # a custom per-layer list
+    pruned.config.layer_types = ["full_attention"] * (n_layers - 1) + ["sliding_attention"]
+    pruned.config.per_layer_marker = list(range(n_layers))     # an unknown list: not ours to guess at
     ml.layers.prune_layers(pruned, [1, 4])
-    assert len(pruned.config.layer_types) == n_layers - 2
-    assert pruned.config.per_layer_marker == [i for i in range(n_layers) if i not in (1, 4)]
+    assert pruned.config.layer_types == ["full_attention"] * (n_layers - 3) + ["sliding_attention"]
+    assert pruned.config.per_layer_marker == list(range(n_layers))
     pruned.save_pretrained(tmp_path)
     reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path)
     assert len(reloaded.config.layer_types) == reloaded.config.num_hidden_layers == n_layers - 2
     assert not hasattr(model.config, "per_layer_marker")      # the shared model's config is untouched
+
+
+def test_prune_leaves_lists_that_only_happen_to_have_length_L(tiny_ids, tmp_path):
+    """A 3-layer model whose eos_token_id is a 3-list: a length-based rule used to turn [1, 2, 7] into [1, 7]."""
+    model = tiny_model("llama", 3, eos_token_id=[1, 2, 7])
+    with ml.layers.keep_only(model, [True, False, True]):
+        skipped = logits_of(model, tiny_ids)
+    pruned = ml.layers.prune_layers(copy.deepcopy(model), [1])
+    assert pruned.config.eos_token_id == [1, 2, 7]
+    assert pruned.generation_config.eos_token_id == [1, 2, 7]
+    pruned.save_pretrained(tmp_path)
+    reloaded = tf.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.eos_token_id == [1, 2, 7] and reloaded.config.num_hidden_layers == 2
+    assert torch.equal(logits_of(reloaded, tiny_ids), logits_of(pruned, tiny_ids))
+    assert max_abs_diff(logits_of(pruned, tiny_ids), skipped) <= 1e-6
+
+
+def _prune_save_reload(model, drop, ids, tmp_path):
+    """Prune a copy, check it equals the original with ``drop`` skipped, save, reload; returns both."""
+    n = len(ml.layers.decoder_layers(model))
+    keep = np.ones(n, dtype=bool)
+    keep[drop] = False
+    with ml.layers.keep_only(model, keep):
+        skipped = logits_of(model, ids)
+    pruned = ml.layers.prune_layers(copy.deepcopy(model), drop)
+    assert max_abs_diff(logits_of(pruned, ids), skipped) <= 1e-6
+    pruned.save_pretrained(tmp_path)
+    reloaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info                       # no missing, unexpected or mismatched weight
+    assert torch.equal(logits_of(reloaded.eval(), ids), logits_of(pruned, ids))
+    return pruned, reloaded
+
+
+@pytest.mark.parametrize("drop", [[0], [2], [1, 2]])
+@pytest.mark.parametrize("kind", ["qwen2_moe", "qwen3_moe"])
+def test_prune_renumbers_layer_index_lists(kind, drop, tmp_path):
+    """Qwen-MoE builds layer i as dense when i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0:
+    both name layers by index, so both must follow the renumbering or reload builds the wrong blocks."""
+    model = tiny_model(kind, 4, decoder_sparse_step=2, mlp_only_layers=[3])
+    ids = torch.randint(0, TINY_VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    sparse = [hasattr(layer.mlp, "gate") for layer in ml.layers.decoder_layers(model)]   # the router
+    assert sparse == [False, True, False, False]              # the pattern being renumbered
+    pruned, reloaded = _prune_save_reload(model, drop, ids, tmp_path)
+    kept = [s for i, s in enumerate(sparse) if i not in drop]
+    assert pruned.config.decoder_sparse_step == 1
+    assert pruned.config.mlp_only_layers == [j for j, s in enumerate(kept) if not s]
+    for m in (pruned, reloaded):
+        assert [hasattr(layer.mlp, "gate") for layer in ml.layers.decoder_layers(m)] == kept
+
+
+@pytest.mark.parametrize("drop,window_layers", [([0], 1), ([2], 2), ([0, 3], 1), ([2, 3], 2)])
+def test_prune_lowers_max_window_layers(drop, window_layers, tmp_path):
+    """Qwen2's layers i >= max_window_layers use the sliding window: the threshold counts kept layers,
+    so a config rebuilt from it alone gives the pruned layer_types, and the windows still act after reload."""
+    model = tiny_model("qwen2", 4, use_sliding_window=True, sliding_window=3, max_window_layers=2)
+    assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    ids = torch.randint(0, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    pruned, reloaded = _prune_save_reload(model, drop, ids, tmp_path)
+    expected = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
+    assert pruned.config.max_window_layers == reloaded.config.max_window_layers == window_layers
+    assert pruned.config.layer_types == reloaded.config.layer_types == expected
+    settings = {k: v for k, v in pruned.config.to_dict().items() if k != "layer_types"}
+    assert tf.Qwen2Config(**settings).layer_types == expected
+
+
+def test_prune_drops_entries_of_no_rope_layers(tiny_ids, tmp_path):
+    """SmolLM3 reads no_rope_layers[layer_idx] (1 = RoPE, 0 = NoPE) when it builds each layer."""
+    model = tiny_model("smollm3", 4, no_rope_layers=[1, 0, 1, 0])
+    pruned, reloaded = _prune_save_reload(model, [1], tiny_ids, tmp_path)
+    assert pruned.config.no_rope_layers == reloaded.config.no_rope_layers == [1, 1, 0]
+    assert [layer.self_attn.use_rope for layer in ml.layers.decoder_layers(reloaded)] == [1, 1, 0]
 
 
 # ---------------------------------------------------------------- other architectures
