@@ -431,14 +431,21 @@ def test_other_architectures_skip_equals_zero(tiny, tiny_ids):
     assert max_abs_diff(logits_of(model, tiny_ids), base) <= 1e-6
 
 
-def test_other_architectures_batched_masks(tiny, tiny_ids):
+@pytest.mark.parametrize("padded", [False, True])
+def test_other_architectures_batched_masks(tiny, tiny_ids, padded):
+    """Per-row masks equal one mask per row, also with a padding mask (GPT-2 passes it positionally)."""
     kind, model = tiny
+    attention = torch.ones_like(tiny_ids)
+    if padded:
+        attention[1, :4] = 0
     masks = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=bool)
     with ml.layers.keep_only(model, masks):
-        batched = logits_of(model, tiny_ids)
+        batched = logits_of(model, tiny_ids, attention_mask=attention)
     for row, keep in enumerate(masks):
         with ml.layers.keep_only(model, keep):
-            assert max_abs_diff(batched[row], logits_of(model, tiny_ids[row: row + 1])[0]) <= TOL, (kind, row)
+            alone = logits_of(model, tiny_ids[row: row + 1], attention_mask=attention[row: row + 1])[0]
+        real = attention[row].bool()
+        assert max_abs_diff(batched[row][real], alone[real]) <= TOL, (kind, row)
 
 
 def test_other_architectures_prune_save_reload(tiny, tiny_ids, tmp_path):
