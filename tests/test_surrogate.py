@@ -336,26 +336,30 @@ def test_stderr_meanings_follow_estimate():
     assert np.all(np.isfinite(perm) & (perm > 0))
     game = interacting_table(6, seed=2)
     assert np.isnan(S.surrogate_estimate(game, 60, rng=0, **FAST).stderr).all()
-    corrected = S.corrected_shapley(game, 200, rng=0, **FAST).stderr
+    corrected = S.corrected_shapley(game, 40, rng=0, model="mlp", **FAST).stderr
     assert np.all(np.isfinite(corrected) & (corrected > 0))
+    exact = S.corrected_shapley(game, 2 ** 6, rng=0, model="mlp", **FAST)     # every coalition: exact, 0
+    assert np.array_equal(exact.stderr, np.zeros(6)) and np.allclose(exact.values, ml.shapley.exact_shapley(game))
     for f in (S.surrogate_shapley, S.surrogate_estimate, S.corrected_shapley):
         assert "bias" in f.__doc__ and "Estimate" in f.__doc__
 
 
 # --- budgeted estimators and the correction ------------------------------------------------------
 
-def test_correction_is_unbiased_with_a_bad_surrogate():
+@pytest.mark.parametrize("correction", ["strata", "chains"])
+def test_correction_is_unbiased_with_a_bad_surrogate(correction):
     n, seeds = 5, 150
     game = interacting_table(n, seed=1)
     exact = ml.shapley.exact_shapley(game)
-    bad = {"optimizer": "adam", "max_epochs": 1, "output": "linear"}   # a surrogate that learned nothing
-    runs = [S.corrected_shapley(game, 64, rng=s, **bad) for s in range(seeds)]
+    bad = {"model": "mlp", "optimizer": "adam", "max_epochs": 1, "output": "linear"}   # learned nothing
+    budget = 64 if correction == "chains" else 24                      # strata: 32 would be every coalition
+    runs = [S.corrected_shapley(game, budget, rng=s, correction=correction, **bad) for s in range(seeds)]
     est = np.array([r.values for r in runs])
-    assert max(r.n_evals for r in runs) <= 64
+    assert max(r.n_evals for r in runs) <= budget
     se = est.std(axis=0, ddof=1) / np.sqrt(seeds)
     assert np.all(np.abs(est.mean(axis=0) - exact) <= 3 * se), (est.mean(axis=0) - exact) / se
     # the test has teeth: the same bad surrogate, uncorrected, is far off
-    plain = np.array([S.surrogate_estimate(game, 64, rng=s, **bad).values for s in range(20)])
+    plain = np.array([S.surrogate_estimate(game, budget, rng=s, **bad).values for s in range(20)])
     assert np.abs(plain.mean(axis=0) - exact).max() > 10 * se.max()
 
 
@@ -366,7 +370,7 @@ def test_correction_from_a_pool_is_unbiased_and_only_draws_pool_masks():
     exact = ml.shapley.exact_shapley(game)
     gen = np.random.default_rng(0)
     pool = all_coalitions(n)[gen.permutation(2 ** n)[:12]]
-    bad = {"optimizer": "adam", "max_epochs": 1, "output": "linear"}
+    bad = {"model": "mlp", "optimizer": "adam", "max_epochs": 1, "output": "linear"}
     seen: list[np.ndarray] = []
 
     class Spy:
@@ -398,10 +402,13 @@ def test_budgeted_estimators_respect_budget_and_are_accurate_on_a_smooth_game():
     for estimate in (S.surrogate_estimate(game, 120, rng=0), S.corrected_shapley(game, 120, rng=0)):
         assert estimate.n_evals <= 120
         assert ml.estimators.relative_squared_error(estimate.values, exact) < 1e-3, estimate
-    # 4 antithetic chains of 2·(n − 1) = 14 new masks each, on half the budget
-    with pytest.raises(BudgetTooSmallError, match="at least 112"):
-        S.corrected_shapley(game, 111, rng=0)
-    S.corrected_shapley(game, 112, rng=0, max_epochs=2)              # the stated minimum works
+    # stratified: ∅, N and 2 masks per size 1..7 in each half; chains: 4 antithetic chains of
+    # 2·(n − 1) = 14 new masks each, on half the budget
+    for minimum, kwargs in ((30, {}), (112, {"chain_fraction": 0.5})):
+        assert S.corrected_min_budget(n, kwargs.get("chain_fraction")) == minimum
+        with pytest.raises(BudgetTooSmallError, match=f"at least {minimum}"):
+            S.corrected_shapley(game, minimum - 1, rng=0, **kwargs)
+        assert S.corrected_shapley(game, minimum, rng=0, max_epochs=2, **kwargs).n_evals <= minimum
 
 
 def test_paper_pipeline_writes_artefacts_that_reload(tmp_path):
@@ -421,14 +428,29 @@ def test_paper_pipeline_writes_artefacts_that_reload(tmp_path):
     assert res.ranking == np.argsort(res.estimate.values, kind="stable").tolist()
 
 
-def test_learning_curve_table():
-    n = 6
-    game = interacting_table(n)
-    curve = S.learning_curve(game, [40, 80], [5, 4, 3], seeds=[0, 1], test=(all_coalitions(n), game.values),
-                             optimizer="lbfgs", max_epochs=5)
-    assert list(curve["n_masks"]) == [40, 40, 80, 80] and list(curve["seed"]) == [0, 1, 0, 1]
-    assert {"n_evals", "r2", "spearman", "rmse", "test_r2", "test_rmse"} <= set(curve.columns)
-    assert (curve["n_evals"] <= curve["n_masks"]).all()
+def test_learning_curve_error_falls_with_more_masks_and_rows_are_independent_fits():
+    """On a known smooth game the test error falls as n_masks grows, and every row is the fit its seed gives."""
+    n = 8
+    w = np.linspace(0.1, 0.8, n)
+    game = TabularGame(np.exp(-(~all_coalitions(n)).astype(float) @ w) + 0.3 * all_coalitions(n)[:, :2].all(1))
+    everything = (all_coalitions(n), game.values)
+    sizes, fit = [7, 6, 5, 4, 3], {"optimizer": "lbfgs", "output": "exp"}
+    curve = S.learning_curve(game, [30, 300], sizes, seeds=[0, 1, 2], test=everything, **fit)
+    assert list(curve["n_masks"]) == [30] * 3 + [300] * 3 and list(curve["seed"]) == [0, 1, 2] * 2
+    small, large = (curve[curve["n_masks"] == k] for k in (30, 300))
+    # measured: RMSE on all 256 masks 0.085-0.149 from 30 masks, 0.007-0.012 from 300 (10.7x lower on
+    # average); required: 5x lower on average, and every fit on 300 masks better than every fit on 30
+    assert large["test_rmse"].mean() < small["test_rmse"].mean() / 5, curve[["n_masks", "test_rmse"]]
+    assert large["test_rmse"].max() < small["test_rmse"].min()
+    assert (large["test_r2"] > 0.99).all()
+    # a row is exactly the independent fit of its seed: same masks, same split, same network
+    row = curve.iloc[4]
+    gen = np.random.default_rng(1)
+    masks = S.sample_stratified_masks(n, 300, sizes, gen)
+    again = S.fit_surrogate(masks, game(masks), rng=gen, **fit)
+    assert row["n_evals"] == len(np.unique(masks, axis=0))
+    assert row["test_rmse"] == pytest.approx(again.evaluate(*everything)["overall"]["rmse"], rel=1e-12)
+    assert row["rmse"] == pytest.approx(again.report["held_out"]["overall"]["rmse"], rel=1e-12)
 
 
 # --- bad inputs ----------------------------------------------------------------------------------
@@ -525,17 +547,25 @@ def test_budgeted_estimators_above_20_players(n):
     assert np.all(np.isfinite(estimate.stderr) & (estimate.stderr > 0))  # corrected: correction + net MC error
 
 
-def test_corrected_stderr_includes_the_surrogate_monte_carlo_error(monkeypatch):
-    """φ(f) through the net with standard error 1 per fold: the folds' weighted errors add in quadrature."""
+@pytest.mark.parametrize("correction", ["strata", "chains"])
+def test_corrected_stderr_includes_the_surrogate_monte_carlo_error(monkeypatch, correction):
+    """φ(f) through the surrogate with standard error 1 per fold: the folds' weighted errors add in quadrature.
+
+    On a 3-additive game the 3-additive surrogate has no residual, so the stratified
+    correction's own standard error is 0 and only the two folds' √(½² + ½²) is left.
+    """
     real = S.surrogate_shapley
 
     def noisy(*args, **kwargs):
         est = real(*args, **kwargs)
         return ml.estimators.Estimate(est.values, np.ones_like(est.values), est.n_evals, est.method)
 
-    monkeypatch.setattr(S, "surrogate_shapley", noisy)
-    game = interacting_table(6, seed=2)
-    est = S.corrected_shapley(game, 200, rng=0, **FAST)                # folds of equal weight: √(½² + ½²)
+    monkeypatch.setattr(ml.surrogate_estimators, "surrogate_shapley", noisy)
+    game = interacting_table(6, seed=2)                               # main + pairwise + one 3-way term
+    if correction == "strata":
+        est = S.corrected_shapley(game, 40, rng=0, model="kadd3")
+    else:
+        est = S.corrected_shapley(game, 200, rng=0, chain_fraction=0.5, model="mlp", **FAST)
     assert np.allclose(est.stderr, np.sqrt(0.5), rtol=0.01), est.stderr
 
 
@@ -559,7 +589,7 @@ def test_corrected_budget_arithmetic_for_every_chain_fraction():
 
 def test_corrected_budget_holds_near_chain_fraction_one():
     """chain_fraction=0.999 of 2·(n−1)·k + 1 kept k chain pairs and spent budget + 1 (their shared ∅ and N)."""
-    n, fast = 32, {"optimizer": "lbfgs", "max_epochs": 1, "n_samples": 64}
+    n, fast = 32, {"model": "mlp", "optimizer": "lbfgs", "max_epochs": 1, "n_samples": 64}
     game = ml.games.PairwiseGame(np.linspace(0.01, 0.1, n))       # 32 players: chains rarely repeat a mask
     for cf in (0.999, 0.9999):
         low = S.corrected_min_budget(n, cf)
@@ -569,3 +599,5 @@ def test_corrected_budget_holds_near_chain_fraction_one():
                 assert spent <= budget, (cf, budget, seed, spent)
     with pytest.raises(BudgetTooSmallError, match=f"at least {S.corrected_min_budget(n, 0.999)}"):
         S.corrected_shapley(game, S.corrected_min_budget(n, 0.999) - 1, chain_fraction=0.999)
+    with pytest.raises(BudgetTooSmallError, match=f"at least {S.corrected_min_budget(n)}"):
+        S.corrected_shapley(game, S.corrected_min_budget(n) - 1)
