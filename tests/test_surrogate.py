@@ -552,7 +552,7 @@ def test_corrected_stderr_includes_the_surrogate_monte_carlo_error(monkeypatch, 
     """φ(f) through the surrogate with standard error 1 per fold: the folds' weighted errors add in quadrature.
 
     On a 3-additive game the 3-additive surrogate has no residual, so the stratified
-    correction's own standard error is 0 and only the two folds' √(½² + ½²) is left.
+    correction's own standard error is 0 and only the K folds' √(K · (1/K)²) is left.
     """
     real = S.surrogate_shapley
 
@@ -563,10 +563,10 @@ def test_corrected_stderr_includes_the_surrogate_monte_carlo_error(monkeypatch, 
     monkeypatch.setattr(ml.surrogate_estimators, "surrogate_shapley", noisy)
     game = interacting_table(6, seed=2)                               # main + pairwise + one 3-way term
     if correction == "strata":
-        est = S.corrected_shapley(game, 40, rng=0, model="kadd3")
+        est, folds = S.corrected_shapley(game, 40, rng=0, model="kadd3"), ml.surrogate_estimators._n_folds(6, 40)
     else:
-        est = S.corrected_shapley(game, 200, rng=0, chain_fraction=0.5, model="mlp", **FAST)
-    assert np.allclose(est.stderr, np.sqrt(0.5), rtol=0.01), est.stderr
+        est, folds = S.corrected_shapley(game, 200, rng=0, chain_fraction=0.5, model="mlp", **FAST), 2
+    assert np.allclose(est.stderr, 1 / np.sqrt(folds), rtol=0.01), (est.stderr, folds)
 
 
 def test_paper_pipeline_above_20_players():

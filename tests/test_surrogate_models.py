@@ -148,10 +148,12 @@ def test_strata_plan_never_exceeds_the_budget_and_the_minimum_is_the_least_that_
         assert low == 2 + sum(min(comb(n, t), 4) for t in range(1, n)) or n <= 3
         assert not SE._strata_plan(n, low - 1)[3] if low > 2 else True
         for budget in range(low, low + 12 * n):
-            enum, sampled, m, feasible = SE._strata_plan(n, budget)
+            folds = SE._n_folds(n, budget)                            # up to 4 where the budget allows
+            assert 2 <= folds <= SE.MAX_FOLDS and (n < 3 or SE._n_folds(n, 10 * n * n) == SE.MAX_FOLDS)
+            enum, sampled, m, feasible = SE._strata_plan(n, budget, folds)
             assert feasible and sorted(enum + sampled) == list(range(1, n))
-            assert 2 + sum(comb(n, t) for t in enum) + 2 * m * len(sampled) <= budget, (n, budget)
-            assert all(comb(n, t) > 2 * max(m, 2) for t in sampled)   # small sizes are evaluated whole
+            assert 2 + sum(comb(n, t) for t in enum) + folds * m * len(sampled) <= budget, (n, budget)
+            assert all(comb(n, t) > folds * max(m, 2) for t in sampled)   # small sizes are evaluated whole
 
 
 def test_strata_correction_spends_at_most_the_budget_and_is_exact_with_every_coalition():
