@@ -10,9 +10,10 @@ A path to a UTF-8 text file is a source too: its whole text is one document.
 
 Calibration and evaluation never share text: the Hub sources calibrate on other datasets
 (BookCorpus, C4 train) than they evaluate on (WikiText-2, PTB, C4 validation); the teaching
-source calibrates on its ``calibration`` split and evaluates on ``validation``/``test``, and
-because those splits share boilerplate (codec and ``json`` docstrings), calibration windows that
-contain any 12-token run of the evaluation splits are skipped.
+source calibrates on its ``calibration`` split and evaluates on ``validation``/``test``. Those
+splits hold whole stdlib packages and share no 12-token run with each other or with the training
+text (``teaching.remove_shared_text``); calibration windows that contain any 12-token run of the
+evaluation splits are still skipped, a guard that matters for a reader's own files.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import math
+import re
 import sys
 import sysconfig
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 SPLITS = ("train", "validation", "calibration", "test")
@@ -45,14 +47,29 @@ class Document:
         return split_of(self.key)
 
 
+def split_unit(key: str) -> str:
+    """The unit that goes to one split as a whole: a stdlib top-level package, or one pydoc topic (chapter 00).
+
+    Modules of one package share text (``asyncio.transports`` and ``asyncio.sslproto`` repeat
+    sentences; the 97 ``encodings`` codecs share their docstrings), so splitting module by
+    module puts the same sentences in training and evaluation text. ``module:json.decoder``
+    and ``module:json`` are both ``package:json``; ``topic:assert`` is its own unit.
+    """
+    kind, _, name = key.partition(":")
+    if kind == "module":
+        return "package:" + name.split(".")[0]
+    return key
+
+
 def split_of(key: str) -> str:
-    """Assign a document to a split by a hash of its key (chapter 00).
+    """Assign a document to a split by a hash of its unit, :func:`split_unit` (chapter 00).
 
     The rule depends only on the document's name (``topic:assert``, ``module:json.decoder``),
-    never on its text or on the order documents are found, so a document stays in the
-    same split on every Python version: 80 % train, 10 % validation, 5 % calibration, 5 % test.
+    never on its text or on the order documents are found, so a document stays in the same
+    split on every Python version: buckets ``sha256(unit) % 100`` below 80 train, below 90
+    validation, below 95 calibration, else test (80/10/5/5 % of units, not of tokens).
     """
-    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+    bucket = int(hashlib.sha256(split_unit(key).encode("utf-8")).hexdigest()[:8], 16) % 100
     if bucket < 80:
         return "train"
     if bucket < 90:
@@ -131,6 +148,87 @@ def _read_corpus(path: str | Path) -> list[Document]:
         return [Document(**json.loads(line)) for line in f]
 
 
+SHARED_NGRAM = 12
+"""Run length, in tokens, that no validation, calibration or test text may share with an earlier split."""
+
+
+def ngram_hashes(ids, n: int = SHARED_NGRAM) -> np.ndarray:
+    """64-bit hashes of every ``n``-token run of a 1-D id sequence, in order (chapter 00).
+
+    A polynomial hash with wrap-around arithmetic: equal runs always get equal hashes, so a
+    test "no hash shared" is conservative (a collision could only flag a run that is not shared).
+    """
+    a = np.asarray(ids, dtype=np.uint64).reshape(-1)
+    if a.size < n:
+        return np.zeros(0, dtype=np.uint64)
+    h = np.zeros(a.size - n + 1, dtype=np.uint64)
+    for k in range(n):
+        h = h * np.uint64(1_000_003) + a[k: a.size - n + 1 + k]
+    return h
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n\n")
+
+
+def _paragraph_of(text: str) -> np.ndarray:
+    """For each character of ``text``, the index of its paragraph (blocks separated by blank lines)."""
+    owner = np.zeros(len(text) + 1, dtype=np.int64)
+    for start in (m.end() for m in _PARAGRAPH_BREAK.finditer(text)):
+        owner[start] += 1
+    return np.cumsum(owner)[:-1] if len(text) else owner[:0]
+
+
+def _drop_shared_paragraphs(text: str, tokenizer, seen: np.ndarray, eos: int, n: int) -> str:
+    """``text`` without the paragraphs that hold an ``n``-token run whose hash is in ``seen``.
+
+    The document is checked as it sits in a token stream, between two ``<|endoftext|>`` tokens,
+    so runs that start or end at the document's edges count too. A run is charged to the
+    paragraph each of its tokens starts in, and the blank line before a paragraph belongs to the
+    one above it, so a repeated paragraph can take its predecessor along: conservative, never
+    leaky. Dropping a paragraph can join its neighbours into new runs, hence the loop.
+    """
+    while text:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = [eos] + list(enc["input_ids"]) + [eos]
+        bad = np.flatnonzero(np.isin(ngram_hashes(ids, n), seen))
+        if not bad.size:
+            return text
+        owner = _paragraph_of(text)
+        starts = np.array([0] + [a for a, _ in enc["offset_mapping"]] + [len(text) - 1])
+        tokens = np.unique(np.concatenate([np.arange(b, b + n) for b in bad]))
+        drop = set(owner[np.clip(starts[tokens], 0, len(text) - 1)].tolist())
+        paragraphs = _PARAGRAPH_BREAK.split(text)
+        text = "\n\n".join(p for i, p in enumerate(paragraphs) if i not in drop).strip()
+    return text
+
+
+def remove_shared_text(docs: Sequence[Document], tokenizer, n: int = SHARED_NGRAM) -> list[Document]:
+    """The corpus with every ``n``-token run that repeats earlier-split text cut out, paragraph by paragraph (chapter 00).
+
+    Splits are cleaned in :data:`SPLITS` order: validation against train, calibration against
+    train and validation, test against all three, so no window of a later split repeats
+    ``n`` tokens of an earlier one (stdlib docstrings repeat boilerplate across packages).
+    Training documents are never changed; documents left empty are dropped. Ordered by key.
+    """
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    by_split = {s: [d for d in docs if d.split == s] for s in SPLITS}
+    seen = np.unique(ngram_hashes(encode_documents(tokenizer, by_split["train"]).numpy(), n))
+    out = list(by_split["train"])
+    for split in SPLITS[1:]:
+        kept = []
+        for doc in by_split[split]:
+            text = _drop_shared_paragraphs(doc.text, tokenizer, seen, eos, n)
+            if text:
+                kept.append(Document(doc.key, text))
+        stream = ngram_hashes(encode_documents(tokenizer, kept).numpy(), n)
+        if np.isin(stream, seen).any():  # a run across two documents' boundary: not seen in practice
+            raise RuntimeError(f"split {split!r} still shares a {n}-token run with earlier splits across a "
+                               "document boundary")
+        seen = np.union1d(seen, stream)
+        out.extend(kept)
+    return sorted(out, key=lambda d: d.key)
+
+
 def teaching_model_path() -> Path:
     """Folder of the shipped checkpoint, tokenizer, corpus snapshot and manifest (chapter 00)."""
     return Path(str(resources.files("minilib") / "assets" / "teaching"))
@@ -178,6 +276,8 @@ def encode_documents(tokenizer, docs: Sequence[Document]) -> torch.Tensor:
     """One token stream: each document's ids followed by ``<|endoftext|>`` (chapter 00)."""
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     ids: list[int] = []
+    if not docs:
+        return torch.zeros(0, dtype=torch.long)
     for enc in tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]:
         ids.extend(enc)
         ids.append(eos)
@@ -244,6 +344,8 @@ class TeachingSpec:
     weight_decay: float = 0.1
     seed: int = 0
     eval_every: int = 250
+    keep_best: bool = True
+    """Return the weights of the evaluation with the lowest validation PPL (early stopping), not the last."""
 
 
 def teaching_config(spec: TeachingSpec, tokenizer):
@@ -275,7 +377,12 @@ def train_teaching_model(spec: TeachingSpec, tokenizer, train_ids: torch.Tensor,
 
     Batches are random ``seq_len`` windows of the training stream drawn from a seeded
     generator; the step count, not a time budget, fixes the result. Returns the model (on
-    CPU, float32) and a list of ``(step, train_loss, validation_ppl)`` records.
+    CPU, float32) and a list of ``(step, train_loss, train_ppl, validation_ppl)`` records:
+    ``train_loss`` averages the batches since the last record, ``train_ppl`` is measured in eval
+    mode on a fixed sample of training windows as large as the validation split, so the two
+    perplexities side by side show when the model starts to memorise. With ``spec.keep_best``
+    the returned weights are those of the record with the lowest validation PPL, so the model
+    stops before it memorises (the test split, never seen in training or selection, reports).
     """
     from transformers import LlamaForCausalLM
 
@@ -289,8 +396,12 @@ def train_teaching_model(spec: TeachingSpec, tokenizer, train_ids: torch.Tensor,
                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(spec.seed)
     n_start = train_ids.numel() - spec.seq_len - 1
-    history: list[tuple[int, float, float]] = []
+    history: list[tuple[int, float, float, float]] = []
     running = 0.0
+    train_windows = train_ids[: train_ids.numel() // spec.seq_len * spec.seq_len].view(-1, spec.seq_len)
+    n_sample = min(len(train_windows), max(1, valid_ids.numel() // spec.seq_len))
+    train_sample = train_windows[torch.linspace(0, len(train_windows) - 1, n_sample).long()].reshape(-1)
+    best: tuple[float, dict] | None = None
     for step in range(spec.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, spec)
@@ -306,11 +417,16 @@ def train_teaching_model(spec: TeachingSpec, tokenizer, train_ids: torch.Tensor,
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             model.eval()
             ppl = perplexity(model, valid_ids.to(device), window=spec.seq_len)
+            train_ppl = perplexity(model, train_sample.to(device), window=spec.seq_len)
             n = spec.eval_every if (step + 1) % spec.eval_every == 0 else (step + 1) % spec.eval_every
-            history.append((step + 1, running / n, ppl))
+            history.append((step + 1, running / n, train_ppl, ppl))
             log(f"step {step + 1:6d}  lr {_lr_at(step, spec):.2e}  train loss {running / n:.4f}  "
-                f"validation ppl {ppl:.2f}")
+                f"train ppl {train_ppl:.2f}  validation ppl {ppl:.2f}")
             running = 0.0
+            if spec.keep_best and (best is None or ppl < best[0]):
+                best = (ppl, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if best is not None:
+        model.load_state_dict(best[1])
     model.eval()
     return model.to("cpu").float(), history
 

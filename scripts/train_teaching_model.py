@@ -2,13 +2,16 @@
 
 Two stages, each reproducible from its seed and fixed step count:
 
-1. data (``--rebuild-data``, run on the reference Python): build the corpus from the running
-   CPython's pydoc topics and stdlib docstrings, write the snapshot ``corpus.jsonl.gz`` and
-   train the byte-level BPE tokenizer on its train split;
+1. data (``--rebuild-data``, run on the reference Python, or ``--resplit``, from the shipped
+   snapshot): build the corpus from the running CPython's pydoc topics and stdlib docstrings
+   (or read the snapshot), split it by top-level package (``teaching.split_of``), train the
+   byte-level BPE tokenizer on the train split, cut from every later split the paragraphs that
+   repeat a 12-token run of an earlier one (``teaching.remove_shared_text``), and write the
+   snapshot ``corpus.jsonl.gz`` and the tokenizer;
 2. model: train a 12-layer ``LlamaForCausalLM`` for exactly ``--steps`` steps on the snapshot's
    train split and write ``model.safetensors``, ``config.json``, and ``manifest.json``.
 
-Example: ``python scripts/train_teaching_model.py --rebuild-data --device cuda``.
+Example: ``python scripts/train_teaching_model.py --resplit --device cpu``.
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=teaching.teaching_model_path())
     p.add_argument("--data-from", type=Path, default=None,
                    help="folder holding corpus.jsonl.gz and the tokenizer (default: --out)")
-    p.add_argument("--rebuild-data", action="store_true", help="rebuild corpus snapshot and tokenizer")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--rebuild-data", action="store_true",
+                      help="rebuild the corpus snapshot from the running Python, then the tokenizer")
+    data.add_argument("--resplit", action="store_true",
+                      help="re-split and clean the existing snapshot, then rebuild the tokenizer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for field in dataclasses.fields(spec):
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(spec, field.name)),
-                       default=getattr(spec, field.name))
+        default = getattr(spec, field.name)
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default)
     return p.parse_args()
 
 
@@ -62,10 +70,20 @@ def main() -> None:
         print(msg, flush=True)
         log_lines.append(msg)
 
-    if args.rebuild_data:
-        docs = teaching.build_corpus()
-        teaching.save_corpus(docs, out / "corpus.jsonl.gz")
+    removed: dict[str, int] = {}
+    if args.rebuild_data or args.resplit:
+        docs = teaching.build_corpus() if args.rebuild_data else teaching._read_corpus(data_dir / "corpus.jsonl.gz")
         tokenizer = teaching.train_tokenizer([d.text for d in docs if d.split == "train"], spec.vocab_size)
+        clean = teaching.remove_shared_text(docs, tokenizer)
+        kept = {d.key: d for d in clean}
+        for split in teaching.SPLITS:
+            before = [d for d in docs if d.split == split]
+            removed[split] = sum(len(d.text) - len(kept[d.key].text) if d.key in kept else len(d.text)
+                                 for d in before)
+        log("characters cut as repeats of earlier splits: " + ", ".join(f"{s} {removed[s]}" for s in teaching.SPLITS)
+            + f"; documents {len(docs)} -> {len(clean)}")
+        docs = clean
+        teaching.save_corpus(docs, out / "corpus.jsonl.gz")
         tokenizer.save_pretrained(out)
         _portable_tokenizer_config(out)
         log(f"built corpus: {len(docs)} documents, hash {teaching.corpus_hash(docs)[:16]}")
@@ -87,25 +105,32 @@ def main() -> None:
     seconds = time.time() - start
     model.save_pretrained(out)
 
-    ppl = {s: evaluation.perplexity(model, streams[s], window=spec.seq_len) for s in ("validation", "test")}
+    ppl = {s: evaluation.perplexity(model, streams[s], window=spec.seq_len) for s in ("train", "validation", "test")}
     unigram = {s: teaching.unigram_perplexity(streams["train"], evaluation.windows(streams[s], spec.seq_len)[:, 1:],
                                               spec.vocab_size) for s in ("validation", "test")}
-    log(f"trained {spec.steps} steps in {seconds:.0f} s; validation ppl {ppl['validation']:.2f} "
+    log(f"trained {spec.steps} steps in {seconds:.0f} s; train ppl {ppl['train']:.2f}; "
+        f"validation ppl {ppl['validation']:.2f} "
         f"(unigram {unigram['validation']:.2f}); test ppl {ppl['test']:.2f} (unigram {unigram['test']:.2f})")
     manifest = {
         "name": "minilib teaching LLaMA",
         "corpus": {"sha256": teaching.corpus_hash(docs), "documents": len(docs),
                    "tokens": {s: int(streams[s].numel()) for s in teaching.SPLITS},
-                   "source": "pydoc_data topics + stdlib docstrings", "split_rule": "sha256(key) % 100: "
-                   "<80 train, <90 validation, <95 calibration, else test"},
+                   "source": "pydoc_data topics + stdlib docstrings",
+                   "split_rule": "sha256(split_unit(key)) % 100, unit = top-level package or topic: "
+                   "<80 train, <90 validation, <95 calibration, else test",
+                   "shared_ngram": teaching.SHARED_NGRAM,
+                   "characters_cut": removed or None},
         "config": json.loads(model.config.to_json_string()),
         "spec": dataclasses.asdict(spec),
         "command": "python scripts/train_teaching_model.py " + " ".join(sys.argv[1:]),
         "steps": spec.steps, "seed": spec.seed, "device": args.device,
+        "kept_step": min(history, key=lambda r: r[3])[0] if spec.keep_best else spec.steps,
         "train_seconds": round(seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": teaching.environment_versions(),
-        "history": [{"step": s, "train_loss": round(l, 4), "validation_ppl": round(p, 3)} for s, l, p in history],
+        "history": [{"step": s, "train_loss": round(l, 4), "train_ppl": round(t, 3), "validation_ppl": round(p, 3)}
+                    for s, l, t, p in history],
+        "train_ppl": round(ppl["train"], 3),
         "validation_ppl": round(ppl["validation"], 3), "test_ppl": round(ppl["test"], 3),
         "unigram_validation_ppl": round(unigram["validation"], 3), "unigram_test_ppl": round(unigram["test"], 3),
         "model_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),

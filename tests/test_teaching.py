@@ -2,7 +2,8 @@
 
 The properties that matter: the shipped files are the ones the manifest describes (hashes,
 token counts, validation perplexity recomputed here); the byte-level tokenizer round-trips any
-text; the split rule depends only on a document's key; the corpus can be rebuilt offline.
+text; the split rule depends only on a document's key and keeps each stdlib package in one split;
+no later split repeats a 12-token run of an earlier one; the corpus can be rebuilt offline.
 """
 
 from __future__ import annotations
@@ -96,30 +97,94 @@ def test_validation_perplexity_matches_manifest(model, streams):
 
 def _documented_split(key: str) -> str:
     """The rule written in the manifest, re-implemented independently."""
-    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) >> (256 - 32)
+    unit = "package:" + key[len("module:"):].split(".")[0] if key.startswith("module:") else key
+    bucket = int(hashlib.sha256(unit.encode("utf-8")).hexdigest(), 16) >> (256 - 32)
     bucket %= 100
     return "train" if bucket < 80 else "validation" if bucket < 90 else "calibration" if bucket < 95 else "test"
 
 
 def test_split_of_follows_the_documented_rule(corpus):
-    assert "sha256(key) % 100" in MANIFEST["corpus"]["split_rule"]
+    assert "sha256(split_unit(key)) % 100" in MANIFEST["corpus"]["split_rule"]
     for doc in corpus:
-        assert doc.split == teaching.split_of(doc.key) == teaching.split_of(doc.key) == \
-            _documented_split(doc.key), doc.key
+        assert doc.split == teaching.split_of(doc.key) == _documented_split(doc.key), doc.key
     # depends on the key only: the same key with another text lands in the same split
     assert teaching.Document("module:json", "x").split == teaching.Document("module:json", "y" * 1000).split
 
 
+def test_a_package_never_straddles_two_splits(corpus):
+    """asyncio.sslproto repeats asyncio.transports, the codecs repeat each other: one split per package."""
+    assert teaching.split_unit("module:asyncio.sslproto") == teaching.split_unit("module:asyncio") == "package:asyncio"
+    assert teaching.split_unit("topic:assert") == "topic:assert"
+    splits = collections.defaultdict(set)
+    for doc in corpus:
+        splits[teaching.split_unit(doc.key)].add(doc.split)
+    assert all(len(s) == 1 for s in splits.values())
+    assert len(splits["package:encodings"]) == 1 and len([d for d in corpus if "encodings" in d.key]) > 50
+
+
+def _runs(stream: torch.Tensor, n: int = 12) -> set[bytes]:
+    """Every ``n``-token run of a stream as bytes: an exact set, independent of ``ngram_hashes``."""
+    raw = stream.numpy().astype(np.int16).tobytes()
+    width = 2 * n
+    return {raw[2 * i: 2 * i + width] for i in range(stream.numel() - n + 1)}
+
+
+def test_no_split_repeats_twelve_tokens_of_an_earlier_one(streams, tokenizer):
+    """The leak the old per-module split had: 664 of 1,012 calibration runs were in the training text."""
+    assert MANIFEST["corpus"]["shared_ngram"] == teaching.SHARED_NGRAM == 12
+    earlier: set[bytes] = set()
+    for split in teaching.SPLITS:
+        runs = _runs(streams[split])
+        if earlier:
+            assert not runs & earlier, f"{split} repeats {len(runs & earlier)} 12-token runs of earlier splits"
+        earlier |= runs
+    # the book's default calibration set and every evaluation window, checked as windows
+    train = _runs(streams["train"])
+    windows = [teaching.exact_calibration_ids(tokenizer),
+               *(ml.data.evaluation_ids(tokenizer, split=s) for s in ml.data.TEACHING_EVAL_SPLITS)]
+    for ids in windows:
+        assert not any(_runs(row) & train for row in ids)
+
+
+def test_remove_shared_text_cuts_repeated_paragraphs(tokenizer):
+    name = {s: next(f"module:leak{i}" for i in range(10_000) if teaching.split_of(f"module:leak{i}") == s)
+            for s in teaching.SPLITS}
+    shared = "Return the number of items in the container, counting repeated items once each time."
+    other = "Encode the object and return a tuple of the output bytes and the length the codec consumed."
+    docs = [teaching.Document(name["train"], f"Training text.\n\n{shared}"),
+            teaching.Document(name["validation"], f"{shared}\n\n{other}"),
+            teaching.Document(name["calibration"], shared),
+            teaching.Document(name["test"], f"{other}\n\nSomething new here.")]
+    clean = {d.key: d for d in teaching.remove_shared_text(docs, tokenizer)}
+    assert clean[name["train"]] == docs[0]                                   # training text is never cut
+    assert clean[name["validation"]].text == other
+    assert name["calibration"] not in clean                                   # nothing left: dropped
+    assert clean[name["test"]].text == "Something new here."                  # repeats validation: cut too
+    assert list(clean) == sorted(clean)
+    # text that shares no run with earlier splits is kept whole
+    fresh = [docs[0], teaching.Document(name["test"], "Nothing here repeats.\n\nNor does this.")]
+    assert teaching.remove_shared_text(fresh, tokenizer) == sorted(fresh, key=lambda d: d.key)
+
+
+def test_ngram_hashes_match_runs():
+    ids = np.array([5, 1, 4, 1, 5, 9, 2, 6, 5, 1, 4, 1])
+    h = teaching.ngram_hashes(ids, 3)
+    assert h.shape == (10,) and h[0] == h[8] and h[1] == h[9] and len(set(h.tolist())) == 8
+    assert teaching.ngram_hashes(ids[:2], 3).size == 0
+
+
 def test_split_proportions(corpus):
-    counts = collections.Counter(d.split for d in corpus)
-    share = {s: counts[s] / len(corpus) for s in teaching.SPLITS}
-    # 583 documents: binomial standard errors are 1.7 / 1.2 / 0.9 / 0.9 points; allow ~3 of them
-    assert share["train"] == pytest.approx(0.80, abs=0.05)
-    assert share["validation"] == pytest.approx(0.10, abs=0.04)
-    assert share["calibration"] == pytest.approx(0.05, abs=0.03)
-    assert share["test"] == pytest.approx(0.05, abs=0.03)
-    # on many keys the rule's proportions are exact to within a point
-    many = collections.Counter(teaching.split_of(f"module:synthetic{i}") for i in range(20_000))
+    """80/10/5/5 % of split units (packages and topics), not of documents: encodings alone is 97 documents."""
+    units = {teaching.split_unit(d.key): d.split for d in corpus}
+    counts = collections.Counter(units.values())
+    share = {s: counts[s] / len(units) for s in teaching.SPLITS}
+    # 258 units: binomial standard errors are 2.5 / 1.9 / 1.4 / 1.4 points; allow ~2.5 of them
+    assert share["train"] == pytest.approx(0.80, abs=0.065)
+    assert share["validation"] == pytest.approx(0.10, abs=0.05)
+    assert share["calibration"] == pytest.approx(0.05, abs=0.035)
+    assert share["test"] == pytest.approx(0.05, abs=0.035)
+    # on many units the rule's proportions are exact to within a point
+    many = collections.Counter(teaching.split_of(f"module:synthetic{i}.sub") for i in range(20_000))
     for split, expected in zip(teaching.SPLITS, (0.80, 0.10, 0.05, 0.05)):
         assert many[split] / 20_000 == pytest.approx(expected, abs=0.01), split
 
@@ -155,13 +220,13 @@ def test_rebuilt_corpus_keeps_every_split(rebuilt, corpus):
     assert all(d.split == shipped[d.key] for d in common)
 
 
-def test_rebuilt_corpus_reproduces_the_shipped_snapshot(rebuilt):
+def test_rebuilt_corpus_reproduces_the_shipped_snapshot(rebuilt, tokenizer):
     # The snapshot was built with CPython 3.11 (the model was trained elsewhere, on 3.12, so
     # manifest()["versions"]["python"] is not the corpus's Python); other versions differ in text.
     if sys.version_info[:2] != (3, 11):
         pytest.skip(f"the shipped corpus was built with Python 3.11; this is "
                     f"{sys.version_info.major}.{sys.version_info.minor}, whose stdlib text differs")
-    assert teaching.corpus_hash(rebuilt) == MANIFEST["corpus"]["sha256"]
+    assert teaching.corpus_hash(teaching.remove_shared_text(rebuilt, tokenizer)) == MANIFEST["corpus"]["sha256"]
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -249,3 +314,14 @@ def test_unigram_perplexity_of_a_uniform_stream():
     ids = torch.arange(vocab).repeat(50)
     assert teaching.unigram_perplexity(ids, ids, vocab) == pytest.approx(vocab, rel=1e-12)
     assert math.isfinite(teaching.unigram_perplexity(ids[:4], ids, vocab))   # unseen tokens: smoothed
+
+
+def test_manifest_reports_train_and_validation_ppl_and_the_kept_step():
+    """Early stopping on validation PPL, with train PPL beside it: the gap is what memorisation looks like."""
+    history = MANIFEST["history"]
+    assert history and all({"step", "train_loss", "train_ppl", "validation_ppl"} <= set(r) for r in history)
+    best = min(history, key=lambda r: r["validation_ppl"])
+    assert MANIFEST["kept_step"] == best["step"] <= MANIFEST["steps"]
+    assert MANIFEST["validation_ppl"] == pytest.approx(best["validation_ppl"], rel=1e-3)
+    assert MANIFEST["train_ppl"] < MANIFEST["validation_ppl"]
+    assert MANIFEST["spec"]["keep_best"] is True
