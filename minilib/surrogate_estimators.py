@@ -147,7 +147,7 @@ class _Zero:
 
 
 def _corrected_strata(counting: CountingGame, budget: int, gen, model, n_samples, fit_kwargs) -> Estimate:
-    """Two folds of size-stratified masks; each fold's surrogate corrects the other fold (see corrected_shapley)."""
+    """K folds of size-stratified masks; each is corrected by the surrogate fitted on the others (see corrected_shapley)."""
     n = counting.n_players
     n_folds = _n_folds(n, budget)
     enum, sampled, m, _ = _strata_plan(n, budget, n_folds)
@@ -308,9 +308,9 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     other, so surrogate error cannot bias the estimate, whatever its size; a good surrogate
     only makes the correction's variance small. ``model`` picks the surrogate family
     (:func:`~minilib.surrogate_models.fit_model`): ``"auto"`` (default) fits the network and
-    2- and 3-additive regressions on part of each half's training masks and keeps the one with
-    the lowest held-out error; ``"mlp"``, ``"kadd2"``, ``"kadd3"``, a factory or a list of
-    candidates also work. ``fit_kwargs`` configure the network (defaults: full-batch L-BFGS,
+    2-, 3- and 4-additive regressions on part of each half's training masks and keeps the one
+    with the lowest held-out error; ``"mlp"``, ``"kadd2"``, ``"kadd3"``, ``"kadd4"``, a factory
+    or a list of candidates also work. ``fit_kwargs`` configure the network (defaults: full-batch L-BFGS,
     no test set, ``exp`` head for positive values).
 
     ``correction="strata"`` (the default when neither ``chain_fraction``, ``keep_sizes`` nor

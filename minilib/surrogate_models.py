@@ -6,7 +6,7 @@ correction's variance smaller. So the family is pluggable:
 
 - ``"mlp"``: the paper's network (:func:`~minilib.surrogate.fit_surrogate`; full-batch L-BFGS,
   ``exp`` head for positive values, no test set): flexible, smooth, a second or two to fit;
-- ``"kadd2"``, ``"kadd3"``: a k-additive game, least squares on the Möbius basis (every
+- ``"kadd2"``, ``"kadd3"``, ``"kadd4"``: a k-additive game, least squares on the Möbius basis (every
   coalition of at most k players) with a ridge penalty chosen by leave-one-out error
   (:func:`fit_kadditive`): exact for games with interactions of at most k players, fitted in
   milliseconds, with closed-form Shapley values;
@@ -30,10 +30,12 @@ from .estimators import _rng
 from .surrogate import check_training_data, fit_surrogate, stratified_split
 from .surrogate_accuracy import accuracy_report
 
-SURROGATE_MODELS = ("mlp", "kadd2", "kadd3")
+SURROGATE_MODELS = ("mlp", "kadd2", "kadd3", "kadd4")
 """Named surrogate families of :func:`fit_model`."""
-AUTO_MODELS = ("mlp", "kadd2", "kadd3")
-"""The candidates of ``model="auto"``, chosen among by held-out error."""
+AUTO_MODELS = ("mlp", "kadd2", "kadd3", "kadd4")
+"""The candidates of ``model="auto"``, chosen among by held-out error; a k-additive one with more than
+:data:`AUTO_TERMS_PER_MASK` terms per distinct training mask is left out (slow to fit, mostly shrinkage)."""
+AUTO_TERMS_PER_MASK = 4
 SELECTION_FRACTION = 0.2
 """Share of the distinct training masks held out to choose among candidates (stratified by Hamming weight)."""
 MAX_KADDITIVE_TERMS = 20_000
@@ -164,22 +166,33 @@ def _factory(model, fit_kwargs: dict) -> tuple[str, Callable]:
         return getattr(model, "__name__", repr(model)), model
     if model == "mlp":
         return model, lambda m, v, gen: _budgeted_mlp(m, v, gen, **fit_kwargs)
-    if model in ("kadd2", "kadd3"):
+    if model in ("kadd2", "kadd3", "kadd4"):
         return model, lambda m, v, gen: fit_kadditive(m, v, order=int(model[-1]))
     raise ValueError(f"model must be 'auto', one of {SURROGATE_MODELS}, a callable "
                      f"factory(masks, values, rng) or a list of those, got {model!r}")
 
 
-def candidate_models(model, fit_kwargs: dict | None = None) -> list[tuple[str, Callable]]:
+def _n_terms(n: int, order: int) -> int:
+    return sum(comb(n, s) for s in range(1, order + 1))
+
+
+def candidate_models(model, fit_kwargs: dict | None = None, masks=None) -> list[tuple[str, Callable]]:
     """The (name, factory) candidates that ``model`` stands for; checks ``fit_kwargs`` apply (chapter 05).
 
     ``fit_kwargs`` are options of :func:`~minilib.surrogate.fit_surrogate` (``optimizer``,
     ``max_epochs``, ``output``, ...): they configure the ``"mlp"`` candidate, so passing them
-    without one is an error rather than silently ignored.
+    without one is an error rather than silently ignored. With the training ``masks``, ``"auto"``
+    leaves out k-additive candidates with more than :data:`AUTO_TERMS_PER_MASK` terms per
+    distinct mask.
     """
     fit_kwargs = dict(fit_kwargs or {})
     if isinstance(model, str):
-        names = list(AUTO_MODELS) if model == "auto" else [model]
+        if model == "auto" and masks is not None:
+            room = AUTO_TERMS_PER_MASK * len(np.unique(masks, axis=0))
+            names = [name for name in AUTO_MODELS
+                     if not name.startswith("kadd") or _n_terms(masks.shape[1], int(name[-1])) <= room]
+        else:
+            names = list(AUTO_MODELS) if model == "auto" else [model]
     elif callable(model):
         names = [model]
     else:
@@ -211,7 +224,7 @@ def fit_model(model, masks, values, rng=None, selection_fraction: float = SELECT
     ``fit_kwargs`` configure the ``"mlp"`` candidate (see :func:`candidate_models`).
     """
     m, v = check_training_data(masks, values)
-    candidates = candidate_models(model, fit_kwargs)
+    candidates = candidate_models(model, fit_kwargs, m)
     gen = _rng(rng)
     scores: dict[str, float] = {}
     chosen = candidates[0]
