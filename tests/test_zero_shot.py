@@ -21,9 +21,10 @@ if os.environ.get("MINILIB_REQUIRE_REAL") == "1" and not HAS_LM_EVAL:  # CI: nev
 needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason='needs lm-eval: pip install "minilib[eval]"')
 
 N_ITEMS, N_CHOICES = 200, 4
-# Measured with lm-eval 0.4.13 (n = 200, stderr ~0.035): dense acc 0.445 / acc_norm 0.50;
-# with layer 0 removed, 0.25 / 0.265 (chance 0.25). The bounds keep a margin of > 2 stderr.
-MIN_ACC_NORM, MIN_DROP = 0.40, 0.10
+# Measured with lm-eval 0.4.13 on the leak-free teaching model (n = 200, stderr ~0.034): dense
+# acc = acc_norm = 0.365, 3.4 stderr above chance (0.25); with layer 0 removed at least 0.10 lower.
+# (The previous model, trained on a split that leaked test text, scored 0.50.)
+MIN_ACC_NORM, MIN_DROP = 0.32, 0.10
 
 
 @pytest.fixture(scope="module")
