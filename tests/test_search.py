@@ -38,10 +38,12 @@ def _loo_choice(table, k: int) -> np.ndarray:
 
 @pytest.mark.parametrize("k", [9, 8, 6])
 def test_evolution_is_near_the_optimum_over_seeds(table, optimum, k):
+    # 200 evaluations: 5 % of the 4,096 masks (22 % of the 924 sets of 6). On the leak-free teaching
+    # model 120 was not enough at k = 6 (7 of 10 seeds exact, mean gap 1.1 %); 200 finds all 10.
     loo = float(table(_loo_choice(table, k))[0])
-    results = [evolutionary_search(table, k, budget=120, rng=seed, progress=False) for seed in SEEDS]
+    results = [evolutionary_search(table, k, budget=200, rng=seed, progress=False) for seed in SEEDS]
     gaps = np.array([optimum[k] / r.value - 1 for r in results])   # excess calibration perplexity
-    assert all(r.keep.sum() == k and r.n_evals <= 120 for r in results)
+    assert all(r.keep.sum() == k and r.n_evals <= 200 for r in results)
     assert all(r.value >= loo - 1e-12 for r in results), "never worse than leave-one-out"
     assert gaps.mean() < 0.01 and gaps.max() < 0.05, gaps
     assert (gaps < 1e-12).mean() >= 0.8, "finds the exact optimum for most seeds"
