@@ -125,7 +125,8 @@ def _all_of_size(n: int, size: int) -> np.ndarray:
 MAX_FOLDS = 4
 """Cross-fitting folds of the stratified correction when the budget allows: each surrogate trains on 3/4
 of the masks. Measured at 40·n evaluations, 20 seeds, 3-additive surrogate: 2 folds 1.6e-4 / 1.3e-4
-(saturating games), 2.3e-4 (teaching table); 4 folds 0.87e-4 / 0.79e-4, 1.5e-4; 6 and 10 folds no better."""
+(saturating games), 2.3e-4 (teaching table of model a7179f69...); 4 folds 0.87e-4 / 0.79e-4, 1.5e-4; 6 and 10
+folds no better."""
 
 
 def _n_folds(n: int, budget: int) -> int:
