@@ -64,7 +64,8 @@ def _surrogate_budget(budget, method: str, n: int, keep_sizes) -> int:
 
     The minimum is what the method can run with: the full model's reference evaluation plus 3
     masks per stratum for ``"shapley_surrogate"`` (the fewest that can leave one held out for the
-    fit), 4 antithetic chains for ``"shapley_surrogate_corrected"``. 0, negatives and non-ints
+    fit), ``corrected_min_budget(L)`` (= 4L − 2: two folds of masks at every size) for
+    ``"shapley_surrogate_corrected"``. 0, negatives and non-ints
     raise instead of meaning "default".
     """
     from .surrogate import corrected_min_budget

@@ -61,8 +61,8 @@ class SurrogateMLP(torch.nn.Module):
     head: ``"sigmoid"`` (the paper's, for utilities in (0, 1)), ``"linear"``, or ``"exp"`` for
     positive utilities that are products of per-layer factors, such as ``ppl_ratio`` =
     exp(−Δloss): a sigmoid reaches 1 only as its input goes to infinity, so it cannot give the
-    full model its exact value 1 while the masks one layer away score well below it (0.42–0.92 on
-    the teaching model without its layer 0); exp(z) can, at z = 0.
+    full model its exact value 1 while the masks one layer away score well below it (0.58–0.95 on
+    the teaching model, one of them, without layer 7, at 1.01); exp(z) can, at z = 0.
     """
 
     def __init__(self, n_layers: int, hidden: int | None = None, depth: int = 1, output: str = "sigmoid"):
@@ -283,26 +283,22 @@ def fit_surrogate(masks, values, rng=None, hidden: int | None = None, depth: int
     Seeded by ``rng``: the same seed gives the same split and network.
 
     Optimizers (``lr``, ``batch_size``, ``max_epochs``, ``patience`` default per optimizer;
-    ``batch_size`` applies to Adam and SGD). Measured on chapter 05's 1,500 stratified masks of
-    the teaching model (718 distinct; sigmoid head, ``rng=0``), test RMSE / R²:
+    ``batch_size`` applies to Adam and SGD). Chapter 05 prints each one's test RMSE / R² on its
+    stratified masks of the teaching model:
 
     - ``"adam"`` (the default; lr 1e-2, batches of 256, at most 500 epochs, patience 100 epochs
-      without a better validation MSE): 0.017 / 0.996. It works for every head and value scale
-      without tuning, and chapters 05–07 are written with it. Its validation curve has plateaus
-      of 50–100 epochs: a patience of 40 stopped inside them (mean test RMSE 0.031 against
-      0.018 with 100, over 6 seeds).
+      without a better validation MSE). It works for every head and value scale without tuning,
+      and chapters 05–07 are written with it. Its validation curve has plateaus of 50–100
+      epochs, so a short patience stops inside them.
     - ``"sgd"``: the paper's recipe: SGD with momentum 0.9, lr 0.008, ``StepLR(step_size=100,
       gamma=0.1)`` stepped every epoch, 300 epochs, batches of 300, no early stopping (patience
       defaults to ``max_epochs``), though the best validation epoch's weights are kept (the
-      last one, as in the paper, with ``val_fraction=0``): 0.198 / 0.42. Its schedule was set for
-      8,000 masks (27 steps an epoch); here about 1,050 training rows make 4 steps an epoch,
-      400 before the rate first decays, and it underfits (R² 0.91 from 8,000 masks, where Adam
-      and L-BFGS reach 0.998). Use it to reproduce the paper, not for accuracy.
+      last one, as in the paper, with ``val_fraction=0``). Its schedule was set for 8,000 masks
+      (27 steps an epoch); on about 1,000 training rows it takes 4 steps an epoch, 400 before
+      the rate first decays, and underfits. Use it to reproduce the paper, not for accuracy.
     - ``"lbfgs"`` (lr 1): full-batch L-BFGS with a strong-Wolfe line search, in float64; an
-      "epoch" is 10 L-BFGS iterations, patience 5: 0.015 / 0.997 in 0.1 s (0.0125 with the
-      ``exp`` head). The network is tiny and the data a few thousand masks at most, so it stops
-      within a second or two and has no mini-batch noise. The budgeted estimators use it; it is
-      not the default only because the chapters were written with Adam: compare the reports.
+      "epoch" is 10 L-BFGS iterations, patience 5. The network is tiny and the data a few
+      thousand masks at most, so it stops within a second or two and has no mini-batch noise.
     """
     m, v = check_training_data(masks, values)
     if len(m) == 0:
