@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .estimators import _rng  # the one rng normaliser: Generator, int seed or None
 from .evaluation import LayerGame, final_hidden, input_device
 from .layers import decoder_layers
 
@@ -146,7 +147,7 @@ def layer_scores(model: torch.nn.Module, input_ids: torch.Tensor, method: str, r
         return scores
     if method == "tail":
         return (n - np.arange(n)).astype(float)  # later layers score lower
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    gen = _rng(rng)
     return gen.permutation(n).astype(float)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import baselines
+from .estimators import _rng  # the one rng normaliser: Generator, int seed or None
 from .evaluation import LayerGame, exact_values
 from .layers import decoder_layers, prune_layers
 from .shapley import exact_shapley
@@ -152,7 +153,7 @@ def prune(model: torch.nn.Module, input_ids: torch.Tensor, method: str, n_remove
         budget = _surrogate_budget(budget, method, n, keep_sizes)
     if not inplace:
         _check_copy_fits(model)
-    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    gen = _rng(rng)
     start = time.perf_counter()
     details: dict = {}
     if method in SHAPLEY_METHODS:
