@@ -27,8 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-NGRAM = 12
-"""Length of the token runs that calibration windows must not share with evaluation text."""
+# Length of the token runs that calibration windows must not share with evaluation text: the one
+# the teaching corpus's splits are cleaned with.
+from .teaching import SHARED_NGRAM as NGRAM
 
 
 @dataclass(frozen=True)

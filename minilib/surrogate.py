@@ -89,6 +89,19 @@ class SurrogateMLP(torch.nn.Module):
         return self.net(masks).squeeze(-1)
 
 
+def mask_batch(masks, n_players: int) -> np.ndarray:
+    """``masks`` as a 2-D ``(m, n_players)`` array (one mask becomes one row), or a clear error (chapter 05).
+
+    The input check every surrogate's ``predict`` shares, whatever model family it is.
+    """
+    arr = np.asarray(masks)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[-1] != n_players:
+        raise ValueError(f"masks must be an array (m, {n_players}) with {n_players} columns, got shape {arr.shape}")
+    return arr
+
+
 def check_training_data(masks, values) -> tuple[np.ndarray, np.ndarray]:
     """Validate masks (m, L) of 0/1 and m finite values; errors name the offending indices (chapter 05).
 
@@ -203,13 +216,7 @@ class Surrogate:
     @torch.no_grad()
     def predict(self, masks) -> np.ndarray:
         """f(mask) for a (m, L) batch; one vectorised pass, no gradients."""
-        arr = np.asarray(masks)
-        if arr.ndim == 1:
-            arr = arr[None]
-        if arr.ndim != 2 or arr.shape[-1] != self.n_players:
-            raise ValueError(f"masks must be an array (m, {self.n_players}) with {self.n_players} columns, "
-                             f"got shape {arr.shape}")
-        x = torch.from_numpy(arr.astype(np.float32))
+        x = torch.from_numpy(mask_batch(masks, self.n_players).astype(np.float32))
         out = [self.model(x[s: s + _PREDICT_CHUNK]) for s in range(0, len(x), _PREDICT_CHUNK)]
         return torch.cat(out).double().numpy() if out else np.zeros(0)
 

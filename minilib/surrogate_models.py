@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .estimators import _rng
-from .surrogate import check_training_data, fit_surrogate, stratified_split
+from .surrogate import check_training_data, fit_surrogate, mask_batch, stratified_split
 from .surrogate_accuracy import accuracy_report
 
 SURROGATE_MODELS = ("mlp", "kadd2", "kadd3", "kadd4")
@@ -93,13 +93,7 @@ class KAdditiveSurrogate:
 
     def predict(self, masks) -> np.ndarray:
         """f(mask) for a (m, L) batch."""
-        arr = np.asarray(masks)
-        if arr.ndim == 1:
-            arr = arr[None]
-        if arr.ndim != 2 or arr.shape[-1] != self.n_players:
-            raise ValueError(f"masks must be an array (m, {self.n_players}) with {self.n_players} columns, "
-                             f"got shape {arr.shape}")
-        arr = arr.astype(bool)
+        arr = mask_batch(masks, self.n_players).astype(bool)
         return np.concatenate([self.intercept + _design(arr[s: s + _PREDICT_ROWS], self.terms) @ self.coef
                                for s in range(0, len(arr), _PREDICT_ROWS)]) if len(arr) else np.zeros(0)
 
