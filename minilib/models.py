@@ -232,10 +232,11 @@ def _looks_local(source: str) -> bool:
             or (os.altsep is not None and source.count(os.altsep) > 1) or not _HUB_ID.match(source))
 
 
-def _from_folder(folder, dtype, device_map, **kwargs):
+def _from_folder(folder, dtype, device_map, quantization_config=None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, **kwargs)
+    extra = {} if quantization_config is None else {"quantization_config": quantization_config}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, **extra, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
@@ -246,12 +247,12 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or flag.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _load_hub(source: str, dtype, device_map):
+def _load_hub(source: str, dtype, device_map, quantization_config=None):
     from huggingface_hub import constants
 
     offline = _hub_offline()
     try:
-        return _from_folder(source, dtype, device_map, local_files_only=offline)
+        return _from_folder(source, dtype, device_map, quantization_config, local_files_only=offline)
     except OSError as err:
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if offline or "connect" in cause.lower():
@@ -265,7 +266,8 @@ def _load_hub(source: str, dtype, device_map):
         raise ModelUnavailableError(msg) from None
 
 
-def load_model(source: str, *, dtype=None, device_map=None, cache_dir: str | os.PathLike | None = None):
+def load_model(source: str, *, dtype=None, device_map=None, cache_dir: str | os.PathLike | None = None,
+               quantization_config=None):
     """Load ``(model, tokenizer)`` from a named source, a local folder or a hub id, in eval mode (chapter 07).
 
     ``source`` is one of:
@@ -287,6 +289,9 @@ def load_model(source: str, *, dtype=None, device_map=None, cache_dir: str | os.
     ``dtype`` is a ``torch.dtype`` or ``"float32"``/``"float16"``/``"bfloat16"``/``"auto"`` (the
     checkpoint's own); default float32. ``device_map`` (e.g. ``"auto"``) goes to ``from_pretrained``
     and needs ``accelerate``; for the teaching model a device string is used as the device.
+    ``quantization_config`` (e.g. :func:`minilib.quantization.bitsandbytes_config`, chapter 08) goes
+    to ``from_pretrained`` for every source but the teaching model, which
+    :func:`minilib.quantization.quantize` quantizes after loading.
     """
     torch_dtype = _resolve_dtype(dtype)
     if not isinstance(source, str) or not source:
@@ -296,6 +301,9 @@ def load_model(source: str, *, dtype=None, device_map=None, cache_dir: str | os.
     if source == "teaching":
         from .teaching import load_teaching_model
 
+        if quantization_config is not None:
+            raise ValueError("quantization_config: the teaching model loads unquantized; quantize it afterwards "
+                             "with minilib.quantization.quantize(model, 'int8')")
         if device_map is not None and not isinstance(device_map, (str, torch.device)):
             raise ValueError(f"device_map for the teaching model must be a device string, got {device_map!r}")
         device = device_map
@@ -303,16 +311,16 @@ def load_model(source: str, *, dtype=None, device_map=None, cache_dir: str | os.
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return load_teaching_model(device=device, dtype=None if torch_dtype == "auto" else torch_dtype)
     if source == SMOLLM2:
-        return _from_folder(convert_gguf(smollm2_gguf_path(), cache_dir), torch_dtype, device_map)
+        return _from_folder(convert_gguf(smollm2_gguf_path(), cache_dir), torch_dtype, device_map, quantization_config)
     path = Path(source).expanduser()
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            return _from_folder(convert_gguf(path, cache_dir), torch_dtype, device_map)
-        return _from_folder(path, torch_dtype, device_map)
+            return _from_folder(convert_gguf(path, cache_dir), torch_dtype, device_map, quantization_config)
+        return _from_folder(path, torch_dtype, device_map, quantization_config)
     if _looks_local(source):
         raise FileNotFoundError(f"source: no such file or folder {source!r} (named sources: {model_sources()}; "
                                 "a hub id looks like 'org/name')")
-    return _load_hub(source, torch_dtype, device_map)
+    return _load_hub(source, torch_dtype, device_map, quantization_config)
 
 
 def describe(model) -> dict:

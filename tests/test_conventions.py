@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MODULES = ["games", "shapley", "estimators", "surrogate", "layers", "evaluation", "baselines", "pruning", "teaching",
            "models", "data", "store", "search", "efficiency", "zero_shot", "surrogate_accuracy", "surrogate_values",
-           "surrogate_models", "surrogate_estimators", "paper_pipeline"]
+           "surrogate_models", "surrogate_estimators", "paper_pipeline", "healing", "quantization"]
 
 
 def _cells(path: Path) -> list[dict]:
