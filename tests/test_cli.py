@@ -105,3 +105,32 @@ def test_two_process_accelerate_run_equals_a_single_process_run(tmp_path):
     order_a, order_b = np.lexsort(masks_a.T), np.lexsort(masks_b.T)
     assert np.array_equal(masks_a[order_a], masks_b[order_b])
     assert np.abs(values_a[order_a] - values_b[order_b]).max() <= 1e-6
+
+
+def test_heal_saves_a_merged_model_that_reloads(tmp_path):
+    out = tmp_path / "healed"
+    proc = run_cli("heal", "--model", "teaching", "--steps", "3", "--batch-size", "2", "--seq-len", "32",
+                   "--rank", "2", "--quiet", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = __import__("json").loads((out / "heal_result.json").read_text())
+    assert report["spec"]["rank"] == 2 and report["spec"]["steps"] == 3 and len(report["train_windows"]) == 2
+    assert report["eval_loss_before"] > 0 and report["eval_loss_after"] > 0
+    from transformers import AutoModelForCausalLM
+
+    healed = AutoModelForCausalLM.from_pretrained(out)
+    assert len(ml.layers.decoder_layers(healed)) == 12 and not any("lora" in n for n, _ in healed.named_parameters())
+    adapter = tmp_path / "adapter"
+    proc = run_cli("heal", "--model", "teaching", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                   "--adapter-only", "--quiet", "--out", str(adapter))
+    assert proc.returncode == 0, proc.stderr
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, argument", [(["--rank", "0"], "--rank"), (["--steps", "0"], "--steps"),
+                                             (["--target-modules", "query_key_value"], "--target-modules"),
+                                             (["--train", "/no/such/text.txt"], "--train")])
+def test_heal_rejects_bad_input_naming_the_argument(tmp_path, extra, argument, capsys):
+    code = main(["heal", "--model", "teaching", "--steps", "2", "--seq-len", "32", "--quiet",
+                 "--out", str(tmp_path / "h"), *extra])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {argument}:")
