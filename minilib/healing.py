@@ -70,10 +70,10 @@ class HealingSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.warmup is None:
-            object.__setattr__(self, "warmup", self.steps // 10)
-        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or not 0 <= self.warmup < self.steps:
-            raise ValueError(f"warmup must be an int in [0, steps={self.steps}), got {self.warmup!r}")
+        if self.warmup is not None and (not isinstance(self.warmup, int) or isinstance(self.warmup, bool)
+                                        or not 0 <= self.warmup < self.steps):
+            raise ValueError(f"warmup must be None (steps // 10) or an int in [0, steps={self.steps}), "
+                             f"got {self.warmup!r}")
         for name in ("alpha", "lr", "max_grad_norm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -87,6 +87,11 @@ class HealingSpec:
             raise ValueError(f"target_modules must be a non-empty sequence of module names such as "
                              f"{LLAMA_TARGETS}, got {self.target_modules!r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up length in steps: ``warmup``, or ``steps // 10`` when it is None."""
+        return self.steps // 10 if self.warmup is None else self.warmup
 
 
 @dataclass
@@ -148,9 +153,10 @@ def _check_ids(name: str, ids) -> torch.Tensor:
 
 
 def _lr_factor(step: int, spec: HealingSpec) -> float:
-    if step < spec.warmup:
-        return (step + 1) / (spec.warmup + 1)
-    progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    warmup = spec.warmup_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, spec.steps - warmup)
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -257,6 +263,13 @@ def heal(model: torch.nn.Module, train_ids: torch.Tensor, spec: HealingSpec | No
     ``PreTrainedModel`` that saves and reloads with ``save_pretrained``/``from_pretrained``.
     """
     _prepare(model, train_ids, spec, eval_ids, eval_every)     # fail before copying a large model
+    from .quantization import quantized_modules
+
+    quantized = quantized_modules(model)
+    if quantized:
+        raise ValueError(f"model has {len(quantized)} quantized linear layers (e.g. {quantized[0]!r}); merging LoRA into "
+                         "them would need a re-quantization: heal the full-precision model and quantize afterwards, "
+                         "or keep the adapter separate with train_adapter (QLoRA-style)")
     base = model if inplace else copy.deepcopy(model)
     peft_model, result = train_adapter(base, train_ids, spec, eval_ids=eval_ids, eval_every=eval_every,
                                        progress=progress)

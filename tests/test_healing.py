@@ -128,6 +128,16 @@ def test_bad_data_and_paths_are_refused(pruned, train_ids, tmp_path):
         ml.healing.save_adapter(pruned, tmp_path / "x")
 
 
+def test_a_quantized_model_is_healed_with_a_separate_adapter(pruned, train_ids, small_ids):
+    quantized = ml.quantization.quantize(pruned, "int8")
+    with pytest.raises(ValueError, match="quantized linear layers.*train_adapter"):
+        ml.healing.heal(quantized, train_ids, SPEC, progress=False)
+    peft_model, result = ml.healing.train_adapter(quantized, train_ids,
+                                                  ml.healing.HealingSpec(steps=3, batch_size=2, lr=3e-3),
+                                                  progress=False)
+    assert result.trainable_params > 0 and torch.isfinite(logits_of(peft_model, small_ids)).all()
+
+
 def test_missing_peft_says_how_to_install(monkeypatch, pruned, train_ids):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
