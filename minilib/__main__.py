@@ -236,11 +236,14 @@ def _heal(args, model, tokenizer) -> int:
     spec = _heal_spec(args)
     try:
         train = evaluation_ids(tokenizer, args.train, args.seq_len, split=split)
-        held = None if split is None else evaluation_ids(tokenizer, args.train, args.seq_len, split="validation",
-                                                         max_windows=32)
     except (ValueError, FileNotFoundError, ImportError, OSError) as err:
         first = str(err).split(" ", 1)[0]
         raise UsageError(_SPEC_ARGUMENTS.get(first, "--train"), str(err).splitlines()[0]) from None
+    try:   # a validation split of the same source, where it has one, to report the loss before and after
+        held = None if split is None else evaluation_ids(tokenizer, args.train, args.seq_len, split="validation",
+                                                         max_windows=32)
+    except (ValueError, FileNotFoundError, ImportError, OSError):
+        held = None
     try:
         if args.adapter_only:
             peft_model, result = train_adapter(model, train, spec, eval_ids=held, progress=not args.quiet)
