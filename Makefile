@@ -1,5 +1,6 @@
 # make book: set up .venv if needed, execute every chapter on CPU, build the HTML book in _build/html
-# make test: set up/refresh .venv, unit tests, nbval on the chapters, and a -W build of the book
+# make test: set up/refresh .venv, unit tests, nbval on the chapters, a -W build of the book, and a check of
+#            the rendered pages (no test scaffolding shows)
 VENV    ?= .venv
 PYTHON  ?= python3
 # Only used when the venv has no torch yet; CI installs torch==2.13.0 (CPU) before calling make.
@@ -36,6 +37,7 @@ test: $(STAMP)
 	@s=$$(date +%s); $(PY) scripts/book_config.py --execute off > _build_config.yml; \
 	  $(VENV)/bin/jupyter-book build . -W --config _build_config.yml; r=$$?; rm -f _build_config.yml; \
 	  echo "[time] book build (-W, committed outputs): $$(( $$(date +%s) - s )) s"; exit $$r
+	$(PY) scripts/check_book_html.py   # no NBVAL markers or assert-only cells on any rendered page
 
 clean:
 	rm -rf _build .jupyter_cache

@@ -19,7 +19,7 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Renumber execution counts 1, 2, ... and drop volatile metadata; keep tags and outputs.
 
     Counts are not stripped: nbval fails every cell that has outputs but no execution count
-    ("Unrun reference cell has outputs") and checks ``# NBVAL_CHECK_OUTPUT`` only on run cells.
+    ("Unrun reference cell has outputs") and checks ``nbval-check-output`` cells only when they ran.
     Renumbering executed cells in order makes them depend on the notebook alone, not on the run.
     """
     count = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
@@ -27,6 +28,10 @@ def _text(cell: dict) -> str:
     return "".join(cell["source"])
 
 
+def _tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_chapter_follows_the_skeleton(path):
     cells = _cells(path)
@@ -47,7 +52,35 @@ def test_chapter_cells_are_short_and_clean(path):
     assert lengths[-1] <= 20, f"longest code cell has {lengths[-1]} lines"
     errors = [i for i, c in enumerate(code) for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"stored error outputs in code cells {errors}"
-    assert all(c.get("outputs") for c in code if "NBVAL_CHECK_OUTPUT" in _text(c)), "checked cells keep outputs"
+    assert all(c.get("outputs") for c in code if "nbval-check-output" in _tags(c)), "checked cells keep outputs"
+
+
+def _only_asserts(nodes) -> bool:
+    return all(isinstance(n, ast.Assert) or (isinstance(n, (ast.For, ast.If)) and _only_asserts(n.body)
+                                             and _only_asserts(n.orelse)) for n in nodes)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_assert_only_cells_run_but_do_not_show(path):
+    """A cell that only asserts is a test, not teaching: it runs under nbval and is removed from the HTML."""
+    for c in (c for c in _cells(path) if c["cell_type"] == "code"):
+        body = ast.parse(_text(c)).body
+        if body and _only_asserts(body):
+            assert "remove-input" in _tags(c), f"assert-only cell without the remove-input tag: {_text(c)[:60]!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_nbval_markers_are_cell_tags(path):
+    """nbval honours a ``# NBVAL_...`` comment only on a line of its own (a trailing one is silently
+    ignored, so the check never runs), and a comment shows in the rendered book: markers are tags."""
+    code = [c for c in _cells(path) if c["cell_type"] == "code"]
+    comments = [i for i, c in enumerate(code) if re.search(r"#\s*NBVAL_", _text(c))]
+    assert not comments, f"code cells {comments} carry NBVAL comments; use the tags nbval-check-output / nbval-skip"
+    checked = [c for c in code if "nbval-check-output" in _tags(c)]
+    assert checked, "a chapter checks some of its printed numbers"
+    for c in code:
+        if "skip-execution" in _tags(c):
+            assert "nbval-skip" in _tags(c), "a cell the book skips must be skipped by nbval too (design.md §4)"
 
 
 def test_toc_lists_every_chapter():
