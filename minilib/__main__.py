@@ -174,22 +174,15 @@ def _prune(args, model, tokenizer, ids) -> int:
     except ValueError as err:
         first = str(err).split(" ", 1)[0]
         raise UsageError({"n_remove": "--remove", "budget": "--budget"}.get(first, "--method"), str(err)) from None
-    out = args.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        result.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    def write(folder: Path) -> None:
+        result.model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
         report = {**result.summary(), "model": args.model, "calibration": [args.n_seqs, args.seq_len],
                   "calibration_source": args.calibration_file or args.calibration, "calibration_ppl_after": perplexity(result.model, ids),
                   "layers_after": len(result.scores) - args.remove}
-        (tmp / "prune_result.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        (folder / "prune_result.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    out = _save_atomically(args.out, write)
     print(f"removed layers {result.removed} by {args.method} "
           f"({result.n_evals} masked evaluations, {result.seconds:.1f} s); saved to {out}")
     return 0
