@@ -40,7 +40,6 @@ def test_chapter_follows_the_skeleton(path):
     assert f"blob/main/notebooks/{path.name}" in markdown, "Colab badge pointing at the chapter itself"
     for heading in ("Learning goals", "Summary", "Exercises", "Further reading"):
         assert re.search(rf"^(#+ |\*\*).*{heading}", markdown, flags=re.M | re.I), f"missing section {heading!r}"
-    assert ":class: dropdown" in markdown, "exercises come with hidden solutions"
     assert any(c["cell_type"] == "code" and "assert " in _text(c) for c in cells), "key claims are asserted"
 
 
@@ -53,6 +52,32 @@ def test_chapter_cells_are_short_and_clean(path):
     errors = [i for i, c in enumerate(code) for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"stored error outputs in code cells {errors}"
     assert all(c.get("outputs") for c in code if "nbval-check-output" in _tags(c)), "checked cells keep outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exercises_are_numbered_and_solutions_fold(path):
+    """Each exercise is a sphinx-exercise directive labelled ex-NN-k, in order, followed by its solution cell.
+
+    Solutions are <details> blocks: they fold in the book, in Jupyter and in Colab, where a MyST dropdown shows as
+    plain text; `make student` drops the cells tagged `solution`.
+    """
+    chapter = int(path.name[:2])
+    cells = _cells(path)
+    exercises = [i for i, c in enumerate(cells) if "exercise" in _tags(c)]
+    assert len(exercises) >= 3, "a chapter has at least three exercises"
+    for k, i in enumerate(exercises, 1):
+        text, label = _text(cells[i]), f"ex-{chapter:02d}-{k}"
+        assert re.match(r"````\{exercise\} \S.*\n:label: " + label + "\n", text), f"exercise {k}: header or label {label}"
+        assert text.rstrip().endswith("````"), f"exercise {k}: unclosed directive"
+        solution = cells[i + 1]
+        number = f"{chapter}.{k}" if chapter else f"{k}"
+        assert "solution" in _tags(solution), f"exercise {k} is followed by its solution cell"
+        assert _text(solution).startswith(f'<details class="solution"><summary>Solution to Exercise {number}</summary>\n\n')
+        assert _text(solution).rstrip().endswith("</details>") and _text(solution).count("<details") == 1
+    tagged = [i for i, c in enumerate(cells) if "solution" in _tags(c)]
+    assert tagged == [i + 1 for i in exercises], "every solution cell follows an exercise"
+    markdown = "\n".join(_text(c) for c in cells if c["cell_type"] == "markdown")
+    assert "{admonition} Solution" not in markdown, "solutions are <details> cells, not MyST dropdowns"
 
 
 def _only_asserts(nodes) -> bool:
