@@ -135,3 +135,15 @@ def test_no_notebook_imports_a_notebook_and_no_module_is_named_after_a_chapter()
         assert not re.match(r"(ch|chapter)?_?\d", path.stem), path.name
     for path in NOTEBOOKS:
         assert "import notebooks" not in path.read_text()
+
+
+def test_figures_are_numbered_and_captioned():
+    """Every plot has a numbered caption in the book (cell metadata) and the same numbered text for Colab."""
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_figure_captions.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for path in NOTEBOOKS:
+        for cell in _cells(path):
+            figure = cell.get("metadata", {}).get("mystnb", {}).get("figure")
+            if figure:
+                assert figure["name"].startswith(f"fig-{path.name[:2]}-") and len(figure["caption"]) > 40
