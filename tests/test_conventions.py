@@ -147,3 +147,13 @@ def test_figures_are_numbered_and_captioned():
             figure = cell.get("metadata", {}).get("mystnb", {}).get("figure")
             if figure:
                 assert figure["name"].startswith(f"fig-{path.name[:2]}-") and len(figure["caption"]) > 40
+
+
+def test_key_equations_are_labelled():
+    """The formulas other pages cite carry MyST labels, so the book numbers them (1.1) and links to them."""
+    labels = {"01": ["eq-shapley", "eq-interaction-index"], "03": ["eq-shapley-layers", "eq-size-means"],
+              "05": ["eq-residual-correction"], "08": ["eq-lora"]}
+    for path in NOTEBOOKS:
+        markdown = "\n".join(_text(c) for c in _cells(path) if c["cell_type"] == "markdown")
+        for label in labels.get(path.name[:2], []):
+            assert re.search(r"\$\$ \(" + label + r"\)", markdown), f"{path.name}: equation {label} is not labelled"
