@@ -1,14 +1,18 @@
 # make book: set up .venv if needed, execute every chapter on CPU, build the HTML book in _build/html
 # make test: set up/refresh .venv, unit tests, nbval on the chapters, a -W build of the book, and a check of
 #            the rendered pages (no test scaffolding shows)
+# make student: the chapters without their solutions, for a course, in _build/student (see
+#            book/teacher_appendix.md); COLAB_REPO=owner/name points the Colab badges at the repository
+#            you publish that folder in (without it the badges, which open the full book, are removed)
 VENV    ?= .venv
 PYTHON  ?= python3
 # Only used when the venv has no torch yet; CI installs torch==2.13.0 (CPU) before calling make.
 TORCH   ?= torch>=2.2
+COLAB_REPO ?=
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.minilib-installed
 
-.PHONY: book test unit notebooks book-check clean
+.PHONY: book test unit notebooks book-check student clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +42,9 @@ test: $(STAMP)
 	  $(VENV)/bin/jupyter-book build . -W --config _build_config.yml; r=$$?; rm -f _build_config.yml; \
 	  echo "[time] book build (-W, committed outputs): $$(( $$(date +%s) - s )) s"; exit $$r
 	$(PY) scripts/check_book_html.py   # no NBVAL markers or assert-only cells on any rendered page
+
+student: $(STAMP)
+	$(PY) scripts/make_student_edition.py --out _build/student $(if $(COLAB_REPO),--colab-repo $(COLAB_REPO))
 
 clean:
 	rm -rf _build .jupyter_cache
