@@ -13,10 +13,14 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from tqdm.auto import tqdm
 
 
 def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Renumber execution counts 1, 2, ... and drop volatile metadata; keep tags and outputs.
+    """Renumber execution counts 1, 2, ... and drop volatile metadata; keep tags, outputs and widget state.
+
+    The widget state (``metadata.widgets``, stored by nbclient) is what lets the HTML book draw a chapter's
+    widgets as they were left by the run; without it a static reader sees only their text repr.
 
     Counts are not stripped: nbval fails every cell that has outputs but no execution count
     ("Unrun reference cell has outputs") and checks ``nbval-check-output`` cells only when they ran.
@@ -33,7 +37,6 @@ def clean(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
                     out["execution_count"] = cell.execution_count
         cell.metadata.pop("execution", None)
         cell.metadata.pop("ExecuteTime", None)
-    nb.metadata.pop("widgets", None)
     return nb
 
 
@@ -45,8 +48,11 @@ def execute(path: Path, timeout: int) -> float:
     for i in skipped:
         nb.cells[i].source = ""
     start = time.time()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    code = sum(cell.cell_type == "code" for cell in nb.cells)
+    with tqdm(total=code, desc=path.name, unit="cell") as bar:   # a stuck cell shows as a stalled bar
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
+                       on_cell_executed=lambda **_: bar.update(),
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
     for i, source in skipped.items():
         nb.cells[i].source, nb.cells[i].outputs, nb.cells[i].execution_count = source, [], None
     nbformat.write(clean(nb), path)
