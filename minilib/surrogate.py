@@ -420,7 +420,7 @@ _MOVED = {
                          "surrogate_shapley", "surrogate_semivalue_exact", "_permutation_marginals",
                          "_hamming_marginals"),
     "paper_pipeline": ("sample_stratified_masks", "stage3_query_weights", "learning_curve", "PipelineResult",
-                       "paper_pipeline"),
+                       "paper_pipeline", "paper_and_exp_surrogates"),
     "surrogate_estimators": ("surrogate_estimate", "corrected_shapley", "corrected_min_budget", "_chain_pairs"),
     "surrogate_models": ("KAdditiveSurrogate", "fit_kadditive", "fit_model", "SURROGATE_MODELS", "AUTO_MODELS"),
 }

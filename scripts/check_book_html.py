@@ -43,7 +43,7 @@ def assert_only_sources(notebook: Path) -> list[str]:
 
 def problems(html_dir: Path) -> list[str]:
     found = []
-    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb")):   # chapters and their sub-pages
         page = html_dir / "notebooks" / f"{notebook.stem}.html"
         if not page.is_file():
             found.append(f"{page}: missing (build the book first)")

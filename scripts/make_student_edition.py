@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--colab-repo must look like OWNER/REPO, got {args.colab_repo!r}")
     colab = (args.colab_repo, args.colab_branch) if args.colab_repo else None
 
-    paths = sorted(src.glob("[0-9][0-9]_*.ipynb"))
+    paths = sorted(src.glob("[0-9][0-9]*_*.ipynb"))   # chapters NN_topic and their sub-pages NNb_..., NNc_...
     if not paths:
         raise SystemExit(f"no chapters (NN_*.ipynb) in {src}")
     if out == src or src.is_relative_to(out):

@@ -6,6 +6,10 @@ show that cell, while the book hides it (tag ``remove-cell``) and shows the same
 caption, taken from the cell's ``mystnb.figure`` metadata. This script keeps the three in step: it numbers the
 figures in order (chapters 01-08 as N.k, the unnumbered quick start as k, as Sphinx does), writes the caption and a
 stable ``fig-NN-slug`` name into the plot cell's metadata and tags the caption cell. ``--check`` only reports.
+
+A chapter may span several pages: ``NN_topic.ipynb`` first, then its sub-pages ``NNb_...``, ``NNc_...`` (listed under
+the chapter's ``sections:`` in ``_toc.yml``). Sphinx numbers their figures on, in that order (Figure 4.3 on the
+first sub-page follows Figure 4.2 on the chapter's first page), and so does this script.
 """
 
 from __future__ import annotations
@@ -36,14 +40,28 @@ def _slug(text: str, chapter: int, taken: set[str]) -> str:
     return name
 
 
+def chapter_pages(path: Path) -> list[Path]:
+    """The pages of ``path``'s chapter in book order: ``NN_topic.ipynb``, then its sub-pages ``NNb_...``, ``NNc_...``."""
+    return [p for p in sorted(path.parent.glob("[0-9][0-9]*_*.ipynb")) if p.name[:2] == path.name[:2]]
+
+
+def _n_figures(nb: nbformat.NotebookNode) -> int:
+    return sum(len(DIRECTIVE.findall(c.source)) if c.cell_type == "markdown" else _has_image(c) for c in nb.cells)
+
+
 def sync(path: Path, write: bool) -> list[str]:
-    """Bring one chapter's figures in step; return what was (or, without ``write``, would be) changed."""
+    """Bring one page's figures in step; return what was (or, without ``write``, would be) changed.
+
+    Numbering starts after the figures of the chapter's earlier pages; names are kept unique across its pages.
+    """
     nb = nbformat.read(path, as_version=4)
     chapter = int(path.name[:2])
     changes: list[str] = []
-    taken = {c.metadata["mystnb"]["figure"]["name"] for c in nb.cells
+    pages = [p for p in chapter_pages(path) if p.resolve() != path.resolve()]
+    others = {p: nbformat.read(p, as_version=4) for p in pages}
+    taken = {c.metadata["mystnb"]["figure"]["name"] for page in [nb, *others.values()] for c in page.cells
              if "name" in c.metadata.get("mystnb", {}).get("figure", {})}
-    number = 0
+    number = sum(_n_figures(page) for p, page in others.items() if p.name < path.name)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "markdown":
             number += len(DIRECTIVE.findall(cell.source))
@@ -78,10 +96,10 @@ def sync(path: Path, write: bool) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("paths", nargs="*", type=Path, help="chapters (default: notebooks/[0-9][0-9]_*.ipynb)")
+    parser.add_argument("paths", nargs="*", type=Path, help="chapter pages (default: notebooks/[0-9][0-9]*_*.ipynb)")
     parser.add_argument("--check", action="store_true", help="report what is out of step and exit 1; write nothing")
     args = parser.parse_args()
-    paths = args.paths or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    paths = args.paths or sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
     changes = [c for p in paths for c in sync(p, write=not args.check)]
     print("\n".join(changes) or "figures: in step")
     sys.exit(1 if args.check and changes else 0)

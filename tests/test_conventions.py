@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# A chapter is NN_topic.ipynb, optionally followed by sub-pages NNb_..., NNc_... (its `sections:` in _toc.yml):
+# every page is checked; the chapter's last page carries its summary, exercises and further reading.
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 MODULES = ["games", "shapley", "estimators", "surrogate", "layers", "evaluation", "baselines", "pruning", "teaching",
            "models", "data", "store", "search", "efficiency", "zero_shot", "surrogate_accuracy", "surrogate_values",
            "surrogate_models", "surrogate_estimators", "paper_pipeline", "healing", "quantization"]
@@ -32,13 +34,28 @@ def _tags(cell: dict) -> list[str]:
     return cell.get("metadata", {}).get("tags", [])
 
 
+def _chapter_pages(path: Path) -> list[Path]:
+    """The pages of ``path``'s chapter in book order (the chapter's own notebook first, then its sub-pages)."""
+    return [p for p in NOTEBOOKS if p.name[:2] == path.name[:2]]
+
+
+def _is_first_page(path: Path) -> bool:
+    return path == _chapter_pages(path)[0]
+
+
+def _is_last_page(path: Path) -> bool:
+    return path == _chapter_pages(path)[-1]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_chapter_follows_the_skeleton(path):
     cells = _cells(path)
     markdown = "\n".join(_text(c) for c in cells if c["cell_type"] == "markdown")
     assert _text(cells[0]).lstrip().startswith("# "), "a chapter opens with its title"
     assert f"blob/main/notebooks/{path.name}" in markdown, "Colab badge pointing at the chapter itself"
-    for heading in ("Learning goals", "Summary", "Exercises", "Further reading"):
+    headings = (["Learning goals"] if _is_first_page(path) else []) + (
+        ["Summary", "Exercises", "Further reading"] if _is_last_page(path) else [])
+    for heading in headings:
         assert re.search(rf"^(#+ |\*\*).*{heading}", markdown, flags=re.M | re.I), f"missing section {heading!r}"
     assert any(c["cell_type"] == "code" and "assert " in _text(c) for c in cells), "key claims are asserted"
 
@@ -64,6 +81,9 @@ def test_exercises_are_numbered_and_solutions_fold(path):
     chapter = int(path.name[:2])
     cells = _cells(path)
     exercises = [i for i, c in enumerate(cells) if "exercise" in _tags(c)]
+    if not _is_last_page(path):
+        assert not exercises, "a chapter's exercises are on its last page, so they number 1, 2, ... in one place"
+        return
     assert len(exercises) >= 3, "a chapter has at least three exercises"
     for k, i in enumerate(exercises, 1):
         text, label = _text(cells[i]), f"ex-{chapter:02d}-{k}"
@@ -153,7 +173,29 @@ def test_key_equations_are_labelled():
     """The formulas other pages cite carry MyST labels, so the book numbers them (1.1) and links to them."""
     labels = {"01": ["eq-shapley", "eq-interaction-index"], "03": ["eq-shapley-layers", "eq-size-means"],
               "05": ["eq-residual-correction"], "08": ["eq-lora"]}
-    for path in NOTEBOOKS:
-        markdown = "\n".join(_text(c) for c in _cells(path) if c["cell_type"] == "markdown")
+    for path in filter(_is_first_page, NOTEBOOKS):   # a label may sit on any page of its chapter
+        markdown = "\n".join(_text(c) for page in _chapter_pages(path) for c in _cells(page) if c["cell_type"] == "markdown")
         for label in labels.get(path.name[:2], []):
             assert re.search(r"\$\$ \(" + label + r"\)", markdown), f"{path.name}: equation {label} is not labelled"
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_widgets_have_state_and_a_static_fallback(path):
+    """A widget is drawn from its saved state in the HTML book, says that it cannot run there, and is followed by
+    a plain printed fallback showing what it would show, so a static reader loses nothing."""
+    notebook = json.loads(path.read_text())
+    cells = notebook["cells"]
+    state = notebook.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    for i, cell in enumerate(cells):
+        views = [o["data"] for o in cell.get("outputs", []) if WIDGET in o.get("data", {})]
+        assert all(v[WIDGET]["model_id"] in state.get("state", {}) for v in views), f"cell {i}: widget state not saved"
+        if all(re.search(r"\[\d\d:\d\d", "".join(v.get("text/plain", ""))) for v in views):
+            continue   # only tqdm progress bars (or nothing): they render from their saved state, nothing to fall back to
+        note = "\n".join(_text(c) for c in cells[max(0, i - 3):i] if c["cell_type"] == "markdown")
+        assert re.search(r"static (book|page)", note), f"cell {i}: no note that the widget does not run in the static book"
+        fallback = [c for c in cells[i:i + 3] if c["cell_type"] == "code"
+                    and any(o.get("output_type") == "stream" for o in c.get("outputs", []))]
+        assert fallback, f"cell {i}: no printed static fallback in this cell or the next two"

@@ -344,3 +344,22 @@ def test_counting_game_validates_like_any_game():
     with pytest.raises(ValueError, match="coalitions"):
         game(np.ones((1, 2), dtype=bool))
     assert (game.n_queries, game.n_evals) == (0, 0)
+
+
+def test_synthetic_layer_game_is_chapter_04s_game():
+    """The harder game chapter 04 builds on its first page and its later pages load from minilib."""
+    from minilib import shapley as S
+
+    game = G.synthetic_layer_game()
+    assert game.n_players == 12 and game.values[0] == 0
+    assert np.isclose(game.values[-1], 0.5 + 0.035 + 0.06 + 0.05 + 0.03 + 0.09 + 0.01 + 0.02 + 0.03 + 0.2
+                      + 2.0 + 0.3 + 0.3 + 0.4 + 0.5)                       # every effect at the full coalition
+    nine, eight = np.zeros((1, 12), bool), np.zeros((1, 12), bool)
+    nine[0, :9], eight[0, :8] = True, True                                 # player 8 adds nothing but the cliff
+    assert np.isclose(game(nine)[0] - game(eight)[0], 2.0)
+    only_1, only_2 = np.zeros((1, 12), bool), np.zeros((1, 12), bool)
+    only_1[0, 1], only_2[0, 2] = True, True
+    both = only_1 | only_2
+    assert np.isclose(game(both)[0], 0.035 + 0.06 + 0.3)                   # substitutes: +0.3 once
+    phi = S.exact_shapley(game)
+    assert np.isclose(phi.sum(), game.values[-1]) and sorted(np.argsort(phi)[:3].tolist()) == [3, 4, 8]

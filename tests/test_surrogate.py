@@ -601,3 +601,16 @@ def test_corrected_budget_holds_near_chain_fraction_one():
         S.corrected_shapley(game, S.corrected_min_budget(n, 0.999) - 1, chain_fraction=0.999)
     with pytest.raises(BudgetTooSmallError, match=f"at least {S.corrected_min_budget(n)}"):
         S.corrected_shapley(game, S.corrected_min_budget(n) - 1)
+
+
+def test_paper_and_exp_surrogates_are_the_two_surrogates_chapter_05_derives():
+    """The one-call rebuild that chapter 05's later pages use equals the first page's step-by-step fits."""
+    table, strata = ml.teaching.exact_table("ppl_ratio"), [11, 10, 9, 8, 7]
+    result, exp_fit = S.paper_and_exp_surrogates(table, strata, n_masks=300, seed=1)
+    again = S.paper_pipeline(table, 300, strata, rng=1, output="sigmoid")
+    refit = S.fit_surrogate(again.masks, again.values, rng=1, output="exp", optimizer="lbfgs")
+    everything = all_coalitions(12)
+    assert np.array_equal(result.masks, again.masks) and result.ranking == again.ranking
+    assert np.allclose(result.surrogate.predict(everything), again.surrogate.predict(everything))
+    assert np.allclose(exp_fit.predict(everything), refit.predict(everything))
+    assert S.paper_and_exp_surrogates is ml.paper_pipeline.paper_and_exp_surrogates
