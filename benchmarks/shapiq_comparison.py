@@ -7,7 +7,11 @@ enumerated). Per game the table gives the mean over seeds for every estimator an
 ours / best shapiq, where "ours" is ``ml.surrogate.corrected_shapley`` with its defaults
 (``model="auto"``: the network or a 2-/3-additive regression, whichever predicts held-out masks
 best; the stratified residual correction on top, so it stays unbiased). A ratio below 1 means
-ours is more accurate than every shapiq approximator on that game.
+ours is more accurate than every shapiq approximator on that game. A second ratio row does the same
+for ``corrected_shapley(model="auto+", design="border")`` (an explicit option, not the default: a
+hierarchically shrunk 3-/4-additive regression, blended with an exp-link 2-additive one for positive
+values by held-out error; sizes next to ∅ and N evaluated whole where that costs up to twice what
+sampling them would).
 
 Games (exact values by enumeration; the family has pairwise and higher-order interactions):
 
@@ -21,7 +25,7 @@ Games (exact values by enumeration; the family has pairwise and higher-order int
   model's 2**12 table (its ``metadata["model_sha256"]`` is recorded with the results).
 
 Estimators. Ours: the corrected estimator with each surrogate family (``auto``, ``mlp``,
-``kadd2``, ``kadd3``) and with the first version's chain correction (``model="mlp"``,
+``kadd2``, ``kadd3``), with ``model="auto+", design="border"``, and with the first version's chain correction (``model="mlp"``,
 ``chain_fraction=0.5``), the uncorrected surrogate estimate (``auto``), antithetic permutation
 sampling and stratified sampling (Neyman; it falls back to proportional allocation at these
 budgets). shapiq (1.4.1, an optional dependency: ``pip install "minilib[bench]"``): every
@@ -33,6 +37,11 @@ value), the ``pairing_trick=True`` variants of those that have it, kADDSHAP with
 plain function of boolean coalitions; its runs are counted in distinct coalitions too. SPEX and
 ProxySPEX take 4–34 s a run (the others milliseconds), so they run on the first
 ``--slow-seeds`` seeds only (1 by default: SPEX took 34 s a run on 2 busy cores; never the best here).
+
+Restricting a run: ``--games`` and ``--estimators`` (substrings of the estimator names) select what
+runs; ``--merge OLD.json`` keeps OLD's runs of every (game, estimator) pair not rerun, so a new
+estimator can be added to the table next to a fresh run of its peers (carried rows are marked †
+and named in the JSON's ``meta["merged"]``).
 
 Output: the table printed, and with ``--out`` (default ``benchmarks/results/shapiq_comparison``)
 a JSON file of every run plus the summary and versions, and a Markdown table. One thread
@@ -59,6 +68,8 @@ from minilib.games import CountingGame, TabularGame, all_coalitions
 
 BUDGET_PER_PLAYER = 40
 OURS = "ours: corrected (auto)"
+OURS_PLUS = "ours: corrected (auto+, border)"
+COMPARED = {"_comparison": OURS, "_comparison_plus": OURS_PLUS}   # summary key: which of ours is compared
 EXACT = 1e-12   # a relative squared error below this is exact up to floating-point rounding
 
 
@@ -138,6 +149,7 @@ OUR_ESTIMATORS = {
     "ours: corrected (mlp)": ours(partial(ml.surrogate.corrected_shapley, model="mlp")),
     "ours: corrected (kadd2)": ours(partial(ml.surrogate.corrected_shapley, model="kadd2")),
     "ours: corrected (kadd3)": ours(partial(ml.surrogate.corrected_shapley, model="kadd3")),
+    OURS_PLUS: ours(partial(ml.surrogate.corrected_shapley, model="auto+", design="border")),
     "ours: corrected, chains (mlp; first version)":
         ours(partial(ml.surrogate.corrected_shapley, model="mlp", chain_fraction=0.5)),
     "ours: surrogate, uncorrected (auto)": ours(ml.surrogate.surrogate_estimate),
@@ -191,9 +203,12 @@ def summarise(runs: list[dict], names: list[str], game_names: list[str]) -> dict
     for g in game_names:
         peers = {k: v["mean_rse"] for k, v in table[g].items() if k.startswith("shapiq:") and v["mean_rse"] is not None}
         best = min(peers, key=peers.get)
-        table[g]["_comparison"] = {"best_shapiq": best, "best_shapiq_rse": peers[best],
-                                   "ours_rse": table[g][OURS]["mean_rse"],
-                                   "ratio_ours_over_best_shapiq": table[g][OURS]["mean_rse"] / peers[best]}
+        for key, mine in COMPARED.items():
+            if table[g].get(mine, {}).get("mean_rse") is None:
+                continue
+            table[g][key] = {"ours": mine, "best_shapiq": best, "best_shapiq_rse": peers[best],
+                             "ours_rse": table[g][mine]["mean_rse"],
+                             "ratio_ours_over_best_shapiq": table[g][mine]["mean_rse"] / peers[best]}
     return table
 
 
@@ -204,19 +219,26 @@ def ratio_text(c: dict) -> str:
     return f"{c['ratio_ours_over_best_shapiq']:.2f}"
 
 
-def markdown(summary: dict, names: list[str], meta: dict) -> str:
+def markdown(summary: dict, names: list[str], meta: dict, carried: set[str] = frozenset()) -> str:
     game_names = list(summary)
     lines = [f"# Ours vs shapiq {meta['shapiq']} at 40·n evaluations, {meta['seeds']} seeds",
              "", f"Mean relative squared error ‖φ̂ − φ‖²/‖φ‖² over seeds (SPEX/ProxySPEX: first {meta['slow_seeds']} "
              f"seeds). Teaching table model_sha256 `{meta['teaching_model_sha256']}`. Written by "
-             "`benchmarks/shapiq_comparison.py`.", "",
+             "`benchmarks/shapiq_comparison.py`." + (" † carried over from an earlier run of the same code "
+                                                     f"({meta['merged']['from']}); the other rows ran together."
+                                                     if carried else ""), "",
              "| estimator | " + " | ".join(game_names) + " |", "|---|" + "---|" * len(game_names)]
     for name in names:
         cells = [summary[g][name]["mean_rse"] for g in game_names]
-        lines.append(f"| {name} | " + " | ".join("n/a" if c is None else f"{c:.2e}" for c in cells) + " |")
-    comp = [summary[g]["_comparison"] for g in game_names]
-    lines.append("| **best shapiq** | " + " | ".join(f"{c['best_shapiq'][8:]}" for c in comp) + " |")
-    lines.append("| **ours / best shapiq** | " + " | ".join(f"**{ratio_text(c)}**" for c in comp) + " |")
+        mark = " †" if name in carried else ""
+        lines.append(f"| {name}{mark} | " + " | ".join("n/a" if c is None else f"{c:.2e}" for c in cells) + " |")
+    first = next(k for k in COMPARED if k in summary[game_names[0]])
+    lines.append("| **best shapiq** | " + " | ".join(f"{summary[g][first]['best_shapiq'][8:]}" for g in game_names) + " |")
+    for key, mine in COMPARED.items():
+        if all(key in summary[g] for g in game_names):
+            label = "ours" if mine == OURS else f"ours {mine[len('ours: corrected '):]}"
+            lines.append(f"| **{label} / best shapiq** | "
+                         + " | ".join(f"**{ratio_text(summary[g][key])}**" for g in game_names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,13 +247,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--slow-seeds", type=int, default=1, help="seeds for SPEX and ProxySPEX (seconds a run)")
     parser.add_argument("--games", nargs="*", help="only these games (names as in the table)")
+    parser.add_argument("--estimators", nargs="*", help="only estimators whose name contains one of these")
+    parser.add_argument("--merge", help="a JSON of an earlier run: keep its runs of the (game, estimator) pairs "
+                                        "not run now")
     parser.add_argument("--out", default="benchmarks/results/shapiq_comparison",
                         help="write OUT.json and OUT.md ('' to skip)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", UserWarning)            # shapiq's and the network's small-sample notes
     peers, slow, shapiq_version = shapiq_estimators()
-    estimators = {**OUR_ESTIMATORS, **peers}
+    everything = {**OUR_ESTIMATORS, **peers}
+    estimators = {k: f for k, f in everything.items() if not args.estimators or any(p in k for p in args.estimators)}
     all_games = games()
     chosen = {g: all_games[g] for g in (args.games or all_games)}
     teaching = all_games["teaching-ppl_ratio"]
@@ -255,19 +281,30 @@ def main() -> None:
             print(f"{g:24s} {name:48s} mean rse {np.mean(errs) if errs else float('nan'):.3e}  "
                   f"max evals {max((r['n_evals'] or 0) for r in done)}  {time.perf_counter() - tic:6.1f} s",
                   flush=True)
-    names = list(estimators)
+    carried: set[str] = set()
+    merged = None
+    if args.merge:
+        old = json.loads(Path(args.merge).read_text())
+        keep = [r for r in old["runs"] if r["game"] in chosen and r["estimator"] not in estimators]
+        carried = {r["estimator"] for r in keep}
+        runs = keep + runs
+        merged = {"from": f"{args.merge}, {old['meta'].get('seconds')} s run", "estimators": sorted(carried)}
+    names = [k for k in everything if k in estimators or k in carried]
     summary = summarise(runs, names, list(chosen))
     meta = {"budget": "40·n", "seeds": args.seeds, "slow_seeds": args.slow_seeds, "shapiq": shapiq_version,
             "numpy": np.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "minilib": ml.__version__, "seconds": round(time.perf_counter() - start, 1),
             "teaching_model_sha256": teaching.metadata.get("model_sha256"),
-            "teaching_table_sha256": hashlib.sha256(np.ascontiguousarray(teaching.values).tobytes()).hexdigest()}
-    text = markdown(summary, names, meta)
+            "teaching_table_sha256": hashlib.sha256(np.ascontiguousarray(teaching.values).tobytes()).hexdigest(),
+            "estimators_run": list(estimators), "merged": merged}
+    text = markdown(summary, names, meta, carried)
     print("\n" + text)
     for g in chosen:
-        c = summary[g]["_comparison"]
-        print(f"{g:24s} ours {c['ours_rse']:.2e}  best shapiq {c['best_shapiq_rse']:.2e} ({c['best_shapiq']})  "
-              f"ratio {ratio_text(c)}")
+        for key in COMPARED:
+            if key in summary[g]:
+                c = summary[g][key]
+                print(f"{g:24s} {c['ours']:34s} {c['ours_rse']:.2e}  best shapiq {c['best_shapiq_rse']:.2e} "
+                      f"({c['best_shapiq']})  ratio {ratio_text(c)}")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

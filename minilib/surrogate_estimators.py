@@ -23,6 +23,12 @@ from .surrogate_values import default_surrogate_samples, surrogate_shapley
 
 CORRECTIONS = ("auto", "strata", "chains")
 """Residual corrections of :func:`corrected_shapley`."""
+DESIGNS = ("strata", "border")
+"""Mask designs of the stratified correction (``design=`` of :func:`corrected_shapley`)."""
+BORDER_FACTOR = 2
+"""``design="border"`` evaluates a size whole when it costs at most this many times the masks sampling would
+give it (``"strata"``: 1). At 40·n evaluations it adds sizes 2 and n−2 for n = 12 (66 coalitions for 48
+sampled) and changes nothing for n = 10 (sizes 1, 2, 8, 9 are whole either way)."""
 DEFAULT_CHAIN_FRACTION = 0.5
 
 
@@ -85,11 +91,11 @@ def surrogate_estimate(game, budget: int, rng=None, keep_sizes=None, n_samples: 
 
 # --- the stratified correction: every evaluation trains one fold's surrogate and corrects the other's
 
-def _strata_plan(n: int, budget: int, folds: int = 2) -> tuple[list[int], list[int], int, bool]:
+def _strata_plan(n: int, budget: int, folds: int = 2, factor: int = 1) -> tuple[list[int], list[int], int, bool]:
     """(enumerated sizes, sampled sizes, masks per fold and sampled size, feasible) for a budget.
 
-    Every size 1..n−1 is covered. A size with at most folds·max(m, 2) coalitions is evaluated
-    whole (exact, and no dearer than sampling it in every fold); the others get m distinct masks
+    Every size 1..n−1 is covered. A size with at most factor·folds·max(m, 2) coalitions is evaluated
+    whole (exact, and with ``factor`` 1 no dearer than sampling it in every fold); the others get m distinct masks
     in each fold, m as large as the budget allows in the worst case (no mask shared by the
     folds), so the budget is never exceeded. Feasible when m >= 2 (a variance) or nothing is
     left to sample.
@@ -99,7 +105,7 @@ def _strata_plan(n: int, budget: int, folds: int = 2) -> tuple[list[int], list[i
         sampled = [t for t in range(1, n) if t not in enum]
         left = budget - 2 - sum(comb(n, t) for t in enum)
         m = left // (folds * len(sampled)) if sampled else 0
-        grow = [t for t in sampled if comb(n, t) <= folds * max(m, 2)]
+        grow = [t for t in sampled if comb(n, t) <= factor * folds * max(m, 2)]
         if not grow:
             return enum, sampled, m, left >= 0 and (not sampled or m >= 2)
         enum = sorted(enum + grow)
@@ -129,9 +135,18 @@ of the masks. Measured at 40·n evaluations, 20 seeds, 3-additive surrogate: 2 f
 folds no better."""
 
 
-def _n_folds(n: int, budget: int) -> int:
+def _design_plan(n: int, budget: int, folds: int, design: str = "strata") -> tuple[list[int], list[int], int, bool]:
+    """The plan of ``design``: "border" enumerates sizes up to BORDER_FACTOR times dearer, where still feasible."""
+    if design == "border":
+        plan = _strata_plan(n, budget, folds, BORDER_FACTOR)
+        if plan[3]:
+            return plan
+    return _strata_plan(n, budget, folds)
+
+
+def _n_folds(n: int, budget: int, design: str = "strata") -> int:
     """Cross-fitting folds: as many as the budget allows, up to MAX_FOLDS (decided by the budget alone)."""
-    return max([k for k in range(2, MAX_FOLDS + 1) if _strata_plan(n, budget, k)[3]] or [2])
+    return max([k for k in range(2, MAX_FOLDS + 1) if _design_plan(n, budget, k, design)[3]] or [2])
 
 
 class _Zero:
@@ -147,11 +162,12 @@ class _Zero:
         return np.zeros(self.n_players)
 
 
-def _corrected_strata(counting: CountingGame, budget: int, gen, model, n_samples, fit_kwargs) -> Estimate:
+def _corrected_strata(counting: CountingGame, budget: int, gen, model, n_samples, fit_kwargs,
+                      design: str = "strata") -> Estimate:
     """K folds of size-stratified masks; each is corrected by the surrogate fitted on the others (see corrected_shapley)."""
     n = counting.n_players
-    n_folds = _n_folds(n, budget)
-    enum, sampled, m, _ = _strata_plan(n, budget, n_folds)
+    n_folds = _n_folds(n, budget, design)
+    enum, sampled, m, _ = _design_plan(n, budget, n_folds, design)
     whole_masks = np.concatenate([_ends(n)] + [_all_of_size(n, t) for t in enum])
     folds = [{t: _distinct_uniform(gen, n, t, m) for t in sampled} for _ in range(n_folds)]
     everything = np.concatenate([whole_masks] + [f[t] for f in folds for t in sampled])
@@ -194,8 +210,9 @@ def _corrected_strata(counting: CountingGame, budget: int, gen, model, n_samples
             counts.append((n_samples or default_surrogate_samples(n)) // 2)
     var_parts = np.stack(parts, axis=1) if parts else np.zeros((n, 1))
     var, dof = _welch(var_parts, np.broadcast_to(np.array(counts or [np.inf], float), var_parts.shape))
+    label = "strata" if design == "strata" else f"strata, {design}"
     return Estimate(np.mean(estimates, axis=0), np.sqrt(var), counting.n_evals,
-                    f"surrogate + correction (strata; {', '.join(dict.fromkeys(names))})", dof=dof)
+                    f"surrogate + correction ({label}; {', '.join(dict.fromkeys(names))})", dof=dof)
 
 
 # --- the chain correction (the first version): antithetic permutation chains, two-fold cross-fitting
@@ -298,7 +315,7 @@ def corrected_min_budget(n: int, chain_fraction: float | None = None) -> int:
 
 def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fraction: float | None = None,
                       n_samples: int | None = None, pool=None, model="auto", correction: str = "auto",
-                      **fit_kwargs) -> Estimate:
+                      design: str = "strata", **fit_kwargs) -> Estimate:
     """Surrogate Shapley plus an unbiased Monte Carlo correction of its error (chapter 05).
 
     Shapley values are linear in the game, so φ(v) = φ(f) + φ(v − f) for any surrogate f.
@@ -323,6 +340,13 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     E[r(T) | i ∈ T] − E[r(T) | i ∉ T], estimated without bias by the mean of
     r(T)·(n/t·[i ∈ T] − n/(n−t)·[i ∉ T]), r centred by a constant from the other folds. Masks
     shared by folds are evaluated once, so it may spend a little less than ``budget``.
+    ``design`` (stratified correction only): ``"strata"`` (default) evaluates a size whole when
+    that costs no more than sampling it; ``"border"`` (shapiq's border trick, softened) also when
+    it costs up to :data:`BORDER_FACTOR` (2) times as much, so every fold's surrogate trains on
+    all the coalitions of the sizes nearest ∅ and N and their correction is exact (falls back to
+    ``"strata"`` where the budget cannot afford it). With ``model="auto+"``
+    (:func:`~minilib.surrogate_models.fit_auto_plus`) it is the most accurate configuration
+    measured in ``benchmarks/shapiq_comparison.py``; neither is the default.
     ``correction="chains"`` (the first version; the default when one of those three is given):
     ``chain_fraction`` (default 0.5) of the budget on antithetic permutation chains that correct
     and train, the rest on distinct masks of the ``keep_sizes`` strata (default 1..n−1) that
@@ -340,11 +364,16 @@ def corrected_shapley(game, budget: int, rng=None, keep_sizes=None, chain_fracti
     counting = CountingGame(game)
     gen = _rng(rng)
     n = game.n_players
+    if not isinstance(design, str) or design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     correction = _resolve_correction(correction, chain_fraction, keep_sizes, pool)
+    if design != "strata" and correction != "strata":
+        raise ValueError(f"design={design!r} applies to the stratified correction only, got correction="
+                         f"{correction!r} (chain_fraction, keep_sizes or pool select the chain correction)")
     if correction == "strata":
         budget = _check_budget(budget, corrected_min_budget(n), f"corrected_shapley with n={n} "
                                "(the empty and full coalitions, two masks per size in each half)")
-        return _corrected_strata(counting, budget, gen, model, n_samples, fit_kwargs)
+        return _corrected_strata(counting, budget, gen, model, n_samples, fit_kwargs, design)
     chain_fraction = DEFAULT_CHAIN_FRACTION if chain_fraction is None else chain_fraction
     if not 0 < chain_fraction < 1:
         raise ValueError(f"chain_fraction must be in (0, 1), got {chain_fraction}")

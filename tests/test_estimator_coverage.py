@@ -50,16 +50,16 @@ def closed_form_game(n: int, seed: int) -> SumGame:
                     (1.0, G.GloveGame(range(0, n, 2), range(1, n, 2)))])
 
 
-def coverage(estimator, game, budget: int, target: np.ndarray) -> tuple[float, float]:
+def coverage(estimator, game, budget: int, target: np.ndarray, seeds: int = SEEDS) -> tuple[float, float]:
     """(share of defined 95 % intervals that hold the target, share of undefined intervals)."""
     hits, undefined = [], 0
-    for seed in range(SEEDS):
+    for seed in range(seeds):
         est = estimator(game, budget, np.random.default_rng(seed))
         low, high = est.confidence_interval(0.95)
         defined = ~np.isnan(low)
         hits += ((low <= target + 1e-12) & (target - 1e-12 <= high))[defined].tolist()
         undefined += int((~defined).sum())
-    return float(np.mean(hits)), undefined / (SEEDS * game.n_players)
+    return float(np.mean(hits)), undefined / (seeds * game.n_players)
 
 
 def test_the_closed_form_is_the_exact_shapley_value():

@@ -110,7 +110,7 @@ def test_factories_and_single_models_and_their_errors():
 
     fit = SM.fit_model(mean_model, masks, values, rng=0)
     assert fit.report["model"] == "mean_model" and fit.report["selection"] == {}   # one candidate: no selection
-    with pytest.raises(ValueError, match=r"model must be 'auto', one of \(.mlp., .kadd2., .kadd3., .kadd4.\)"):
+    with pytest.raises(ValueError, match=r"model must be 'auto', one of \(.mlp., .kadd2., .kadd3., .kadd4., .kadd2h."):
         SM.fit_model("gbm", masks, values)
     with pytest.raises(ValueError, match=r"fit options \['max_epochs'\] configure the 'mlp' surrogate"):
         SM.fit_model("kadd2", masks, values, max_epochs=3)
