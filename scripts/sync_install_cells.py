@@ -33,7 +33,7 @@ from pathlib import Path
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sync_repository_url import read_repository  # noqa: E402  (the one reader of repository.url)
+from sync_repository_url import read_repository, report  # noqa: E402  (the one reader of repository.url)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,15 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                 nbformat.write(nb, path)
 
     target = f"{url}@v{version}"
-    for line in stale + problems:
-        print(line)
-    if args.check and stale:
-        print(f"run: .venv/bin/python scripts/sync_install_cells.py   (to install from {target})")
     if stale and not args.check:
-        print(f"next: re-execute the chapters, commit, then `git tag v{version}` and push the tag")
-    if not stale and not problems:
-        print(f"up to date: {len(notebooks)} chapter(s) install minilib from {target}")
-    return 1 if problems or (args.check and stale) else 0
+        stale.append(f"next: re-execute the chapters, commit, then `git tag v{version}` and push the tag")
+    return report(stale, problems, args.check,
+                  f".venv/bin/python scripts/sync_install_cells.py   (to install from {target})",
+                  f"up to date: {len(notebooks)} chapter(s) install minilib from {target}")
 
 
 if __name__ == "__main__":

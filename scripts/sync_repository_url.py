@@ -89,6 +89,21 @@ def colab_paths(text: str) -> set[str]:
     return {m.group("path") for m in COLAB_RE.finditer(text)}
 
 
+def report(changed: list[str], problems: list[str], check: bool, fix: str, done: str) -> int:
+    """Print what a sync script changed (or, with ``check``, would change) and its problems; return the exit code.
+
+    Shared by the sync scripts: ``fix`` is the command to run when ``check`` finds stale files, ``done`` the line
+    printed when nothing was stale and nothing is wrong.
+    """
+    for line in changed + problems:
+        print(line)
+    if check and changed:
+        print(f"run: {fix}")
+    if not changed and not problems:
+        print(done)
+    return 1 if problems or (check and changed) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
@@ -123,16 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("README.md is missing")
 
     target = f"https://github.com/{owner}/{repo} (branch {branch})"
-    for path in stale:
-        verb = "out of date" if args.check else "updated"
-        print(f"{path.relative_to(root)}: {verb} (repository: {target})")
-    for line in problems:
-        print(line)
-    if args.check and stale:
-        print(f"run: python scripts/sync_repository_url.py   (to point them at {target})")
-    if not stale and not problems:
-        print(f"up to date: {len(files)} file(s) point at {target}")
-    return 1 if problems or (args.check and stale) else 0
+    verb = "out of date" if args.check else "updated"
+    return report([f"{path.relative_to(root)}: {verb} (repository: {target})" for path in stale], problems,
+                  args.check, f"python scripts/sync_repository_url.py   (to point them at {target})",
+                  f"up to date: {len(files)} file(s) point at {target}")
 
 
 if __name__ == "__main__":
