@@ -23,12 +23,22 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION = re.compile(r"^\*Figure(?: [\d.]+\.|:) (?P<text>.*)\*\s*$", re.S)
+LOWER_CASE_NAMES = {"shap", "minilib", "torchao", "peft"}
 DIRECTIVE = re.compile(r"^(`{3,}|:{3,})\{figure\}", re.M)
 
 
 def _has_image(cell: nbformat.NotebookNode) -> bool:
     return cell.cell_type == "code" and any(
         key.startswith("image/") for out in cell.get("outputs", []) for key in out.get("data", {}))
+
+
+def _sentence_case(text: str) -> str:
+    """A caption starts with a capital, as a sentence after "Figure 4.3" does, unless it starts with a name
+    written in lower case (a library such as shap, or code)."""
+    first = text.split(maxsplit=1)[0] if text else ""
+    if not first[:1].islower() or first.split("'")[0] in LOWER_CASE_NAMES:
+        return text
+    return text[0].upper() + text[1:]
 
 
 def _slug(text: str, chapter: int, taken: set[str]) -> str:
@@ -74,14 +84,14 @@ def sync(path: Path, write: bool) -> list[str]:
         match = CAPTION.match(caption_cell.source) if caption_cell and caption_cell.cell_type == "markdown" else None
         if not match:
             raise SystemExit(f"{path.name}, cell {i}: a plot is followed by a markdown cell '*Figure {label}. ...*'")
-        text = " ".join(match["text"].split())
+        text = _sentence_case(" ".join(match["text"].split()))
         figure = cell.metadata.setdefault("mystnb", {}).setdefault("figure", {})
         wanted = {"caption": text, "name": figure.get("name") or _slug(text, chapter, taken)}
         taken.add(wanted["name"])
         if figure != wanted:
             figure.clear(), figure.update(wanted)
             changes.append(f"{path.name} cell {i}: figure metadata")
-        colab = f"*Figure {label}. {match['text'].strip()}*"
+        colab = f"*Figure {label}. {_sentence_case(match['text'].strip())}*"
         if caption_cell.source != colab:
             caption_cell.source = colab
             changes.append(f"{path.name} cell {i + 1}: caption numbered {label}")
