@@ -80,6 +80,9 @@ def sync(path: Path, write: bool) -> list[str]:
             continue
         number += 1
         label = f"{chapter}.{number}" if chapter else f"{number}"
+        images = sum(any(k.startswith("image/") for k in out.get("data", {})) for out in cell.get("outputs", []))
+        if images > 1:   # the book would wrap each in a figure with the same name (a -W error), or show a stray plot
+            raise SystemExit(f"{path.name}, cell {i}: {images} images in one figure cell; show one figure per cell")
         caption_cell = nb.cells[i + 1] if i + 1 < len(nb.cells) else None
         match = CAPTION.match(caption_cell.source) if caption_cell and caption_cell.cell_type == "markdown" else None
         if not match:
