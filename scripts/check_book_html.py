@@ -24,6 +24,12 @@ def _only_asserts(nodes) -> bool:
                                              and _only_asserts(n.orelse)) for n in nodes)
 
 
+def is_assert_only(source: str) -> bool:
+    """Whether a code cell only asserts (possibly inside for/if): a test, hidden from the book (design.md §4)."""
+    body = ast.parse(source).body
+    return bool(body) and _only_asserts(body)
+
+
 def _squash(text: str) -> str:
     return "".join(text.split())
 
@@ -34,10 +40,8 @@ def assert_only_sources(notebook: Path) -> list[str]:
     out = []
     for cell in cells:
         source = "".join(cell["source"])
-        if cell["cell_type"] == "code":
-            body = ast.parse(source).body
-            if body and _only_asserts(body):
-                out.append(_squash(source))
+        if cell["cell_type"] == "code" and is_assert_only(source):
+            out.append(_squash(source))
     return out
 
 

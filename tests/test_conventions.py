@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib
 import inspect
 import json
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from check_book_html import is_assert_only  # noqa: E402  (one definition of an assert-only cell, shared with the page check)
 # A chapter is NN_topic.ipynb, optionally followed by sub-pages NNb_..., NNc_... (its `sections:` in _toc.yml):
 # every page is checked; the chapter's last page carries its summary, exercises and further reading.
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
@@ -100,17 +101,11 @@ def test_exercises_are_numbered_and_solutions_fold(path):
     assert "{admonition} Solution" not in markdown, "solutions are <details> cells, not MyST dropdowns"
 
 
-def _only_asserts(nodes) -> bool:
-    return all(isinstance(n, ast.Assert) or (isinstance(n, (ast.For, ast.If)) and _only_asserts(n.body)
-                                             and _only_asserts(n.orelse)) for n in nodes)
-
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_assert_only_cells_run_but_do_not_show(path):
     """A cell that only asserts is a test, not teaching: it runs under nbval and is removed from the HTML."""
     for c in (c for c in _cells(path) if c["cell_type"] == "code"):
-        body = ast.parse(_text(c)).body
-        if body and _only_asserts(body):
+        if is_assert_only(_text(c)):
             assert "remove-input" in _tags(c), f"assert-only cell without the remove-input tag: {_text(c)[:60]!r}"
 
 
