@@ -27,9 +27,10 @@ LOWER_CASE_NAMES = {"shap", "minilib", "torchao", "peft"}
 DIRECTIVE = re.compile(r"^(`{3,}|:{3,})\{figure\}", re.M)
 
 
-def _has_image(cell: nbformat.NotebookNode) -> bool:
-    return cell.cell_type == "code" and any(
-        key.startswith("image/") for out in cell.get("outputs", []) for key in out.get("data", {}))
+def _images(cell: nbformat.NotebookNode) -> int:
+    """How many image outputs a cell has (0 for markdown)."""
+    return sum(cell.cell_type == "code" and any(key.startswith("image/") for key in out.get("data", {}))
+               for out in cell.get("outputs", []))
 
 
 def _sentence_case(text: str) -> str:
@@ -56,7 +57,7 @@ def chapter_pages(path: Path) -> list[Path]:
 
 
 def _n_figures(nb: nbformat.NotebookNode) -> int:
-    return sum(len(DIRECTIVE.findall(c.source)) if c.cell_type == "markdown" else _has_image(c) for c in nb.cells)
+    return sum(len(DIRECTIVE.findall(c.source)) if c.cell_type == "markdown" else min(_images(c), 1) for c in nb.cells)
 
 
 def sync(path: Path, write: bool) -> list[str]:
@@ -76,12 +77,11 @@ def sync(path: Path, write: bool) -> list[str]:
         if cell.cell_type == "markdown":
             number += len(DIRECTIVE.findall(cell.source))
             continue
-        if not _has_image(cell):
+        if not _images(cell):
             continue
         number += 1
         label = f"{chapter}.{number}" if chapter else f"{number}"
-        images = sum(any(k.startswith("image/") for k in out.get("data", {})) for out in cell.get("outputs", []))
-        if images > 1:   # the book would wrap each in a figure with the same name (a -W error), or show a stray plot
+        if (images := _images(cell)) > 1:   # the book would wrap each in a figure with the same name (a -W error), or show a stray plot
             raise SystemExit(f"{path.name}, cell {i}: {images} images in one figure cell; show one figure per cell")
         caption_cell = nb.cells[i + 1] if i + 1 < len(nb.cells) else None
         match = CAPTION.match(caption_cell.source) if caption_cell and caption_cell.cell_type == "markdown" else None
